@@ -1,0 +1,7 @@
+"""Entry point for ``python -m bkdbg``."""
+
+import sys
+
+from bkdbg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Protobuf and gRPC modules for BuildKit's wire API, generated from the .proto files here."""

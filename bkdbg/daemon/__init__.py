@@ -1,0 +1,1 @@
+"""The detached bkdbg server: its gRPC API, build and container state, I/O forwarding."""

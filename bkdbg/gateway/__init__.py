@@ -1,0 +1,1 @@
+"""Everything that speaks to BuildKit: channels, session, solves, progress, containers."""

@@ -1,0 +1,1 @@
+"""The terminal side: raw-TTY forwarding, the cmd2 monitor and run-script."""
