@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,22 @@ class InvokeConfig:
 
 
 @dataclass
+class TLSConfig:
+    """Client TLS files for a `tcp://` BuildKit address (buildctl's `--tls*` flags)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
+@dataclass
 class BuildOptions:
-    """One build, as `bkdbg build` or the monitor's `build` was asked for it."""
+    """One build, as `bkdbg build` or the monitor's `build` was asked for it.
+
+    `addr` and `tls` say which BuildKit the server dials; `addr` None means the default
+    search (`BUILDKIT_HOST`, the standard buildkitd socket, the Docker Engine).
+    """
 
     context: str
     dockerfile: str | None = None
@@ -88,6 +103,8 @@ class BuildOptions:
     tags: list[str] = field(default_factory=list)
     progress: str = "auto"
     invoke: InvokeConfig | None = None
+    addr: str | None = None
+    tls: TLSConfig | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -100,6 +117,8 @@ class BuildOptions:
         raw["outputs"] = [OutputSpec(**o) for o in raw.get("outputs", [])]
         if raw.get("invoke") is not None:
             raw["invoke"] = InvokeConfig(**raw["invoke"])
+        if raw.get("tls") is not None:
+            raw["tls"] = TLSConfig(**raw["tls"])
         return cls(**raw)
 
 
@@ -121,7 +140,9 @@ def split_csv(value: str, flag: str) -> dict[str, str]:
     return result
 
 
-def parse_key_value(value: str, flag: str, environ: dict[str, str] | None = None) -> tuple[str, str]:
+def parse_key_value(
+    value: str, flag: str, environ: dict[str, str] | None = None
+) -> tuple[str, str]:
     """Parse `K=V`; a bare `K` takes its value from the environment, as buildx does."""
     key, sep, val = value.partition("=")
     if not key:
@@ -261,3 +282,125 @@ def _set_invoke_field(config: InvokeConfig, key: str, val: str, value: str) -> N
         config.tty = val.lower() == "true"
     else:
         raise UsageError(f"invalid --invoke value: {value!r}: tty must be true or false")
+
+
+def parse_build_arg(value: str, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """Parse `--build-arg K=V`; a bare `K` takes its value from the environment, as buildx does."""
+    return parse_key_value(value, "--build-arg", environ)
+
+
+def parse_label(value: str) -> tuple[str, str]:
+    """Parse `--label K=V` (unlike build args, a label never reads the environment)."""
+    key, sep, val = value.partition("=")
+    if not key or not sep:
+        raise UsageError(f"invalid --label value: {value!r}: expected KEY=VALUE")
+    return key, val
+
+
+# Values of --build-context that BuildKit resolves itself; anything else is a local directory.
+_REMOTE_CONTEXT_PREFIXES = (
+    "docker-image://",
+    "oci-layout://",
+    "target:",
+    "git@",
+    "http://",
+    "https://",
+)
+
+
+def parse_build_context(value: str) -> tuple[str, str]:
+    """Parse `--build-context NAME=VALUE`; a local directory becomes an absolute path."""
+    name, sep, source = value.partition("=")
+    if not name or not sep or not source:
+        raise UsageError(
+            f"invalid --build-context value: {value!r}: expected NAME=DIR or NAME=docker-image://REF"
+        )
+    if source.startswith(_REMOTE_CONTEXT_PREFIXES):
+        return name, source
+    path = os.path.abspath(source)
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"build context directory not found: {path}: check --build-context {value!r}"
+        )
+    return name, path
+
+
+def parse_add_host(value: str) -> str:
+    """Parse `--add-host HOST:IP` (or `HOST=IP`) and return it as `HOST:IP`."""
+    sep = "=" if "=" in value else ":"
+    host, _, address = value.partition(sep)
+    if not host or not address:
+        raise UsageError(f"invalid --add-host value: {value!r}: expected HOST:IP, e.g. db:10.0.0.5")
+    return f"{host}:{address}"
+
+
+def parse_platforms(value: str) -> list[str]:
+    """Parse `--platform linux/amd64,linux/arm64` into a list of platforms."""
+    platforms = [item.strip() for item in value.split(",") if item.strip()]
+    for platform in platforms:
+        parts = platform.split("/")
+        if len(parts) < 2 or len(parts) > 3 or not all(parts):
+            raise UsageError(
+                f"invalid --platform value: {platform!r}: expected OS/ARCH[/VARIANT], "
+                "e.g. linux/amd64"
+            )
+    return platforms
+
+
+def parse_choice(value: str, flag: str, choices: tuple[str, ...]) -> str:
+    """Return `value` when it is one of `choices`; else raise UsageError naming them."""
+    if value not in choices:
+        raise UsageError(f"invalid {flag} value: {value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def resolve_build_paths(context: str, dockerfile: str | None) -> tuple[str, str | None]:
+    """Check the context directory and the Dockerfile; return both as absolute paths.
+
+    `dockerfile` None means CONTEXT/Dockerfile, and `-` (read from stdin) is returned
+    as is. A relative Dockerfile path is taken from the current directory, as buildx does.
+    """
+    context_dir = os.path.abspath(context)
+    if not os.path.exists(context_dir):
+        raise UsageError(f"build context not found: {context_dir}: give an existing directory")
+    if not os.path.isdir(context_dir):
+        raise UsageError(
+            f"build context is not a directory: {context_dir}: give the directory that "
+            "contains the Dockerfile"
+        )
+    if dockerfile == "-":
+        return context_dir, dockerfile
+    path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
+    if not os.path.isfile(path):
+        raise UsageError(f"Dockerfile not found: {path}: create it or pass -f PATH")
+    return context_dir, path
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(value: str, flag: str) -> float | None:
+    """Parse a duration such as `90s`, `10m`, `1h30m` or a bare number of seconds.
+
+    An empty value or `0` means no duration (None). Units follow Go's time.ParseDuration.
+    """
+    text = value.strip()
+    if text in ("", "0"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = _sum_duration(text, value, flag)
+    if seconds <= 0:
+        raise UsageError(f"invalid {flag} value: {value!r}: give a positive duration, e.g. 10m")
+    return seconds
+
+
+def _sum_duration(text: str, value: str, flag: str) -> float:
+    parts = _DURATION_PATTERN.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise UsageError(
+            f"invalid {flag} value: {value!r}: use a number with a unit s, m or h, e.g. 30s or 10m"
+        )
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)

@@ -33,7 +33,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("instance_id", "pid", "started_unix", "build_state", "clients", "context", "current_process", "buildkit_address", "version", "last_exit_code")
+    __slots__ = ("instance_id", "pid", "started_unix", "build_state", "clients", "context", "current_process", "buildkit_address", "version", "last_exit_code", "client_details")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class ServerInfo(_message.Message):
     BUILDKIT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_DETAILS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     pid: int
     started_unix: float
@@ -54,21 +55,48 @@ class ServerInfo(_message.Message):
     buildkit_address: str
     version: str
     last_exit_code: int
-    def __init__(self, instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., started_unix: _Optional[float] = ..., build_state: _Optional[str] = ..., clients: _Optional[_Iterable[str]] = ..., context: _Optional[str] = ..., current_process: _Optional[str] = ..., buildkit_address: _Optional[str] = ..., version: _Optional[str] = ..., last_exit_code: _Optional[int] = ...) -> None: ...
+    client_details: _containers.RepeatedCompositeFieldContainer[ClientInfo]
+    def __init__(self, instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., started_unix: _Optional[float] = ..., build_state: _Optional[str] = ..., clients: _Optional[_Iterable[str]] = ..., context: _Optional[str] = ..., current_process: _Optional[str] = ..., buildkit_address: _Optional[str] = ..., version: _Optional[str] = ..., last_exit_code: _Optional[int] = ..., client_details: _Optional[_Iterable[_Union[ClientInfo, _Mapping]]] = ...) -> None: ...
+
+class ClientInfo(_message.Message):
+    __slots__ = ("id", "pid", "name", "attached_process")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    pid: int
+    name: str
+    attached_process: str
+    def __init__(self, id: _Optional[str] = ..., pid: _Optional[int] = ..., name: _Optional[str] = ..., attached_process: _Optional[str] = ...) -> None: ...
+
+class Terminal(_message.Message):
+    __slots__ = ("term", "rows", "cols")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    term: str
+    rows: int
+    cols: int
+    def __init__(self, term: _Optional[str] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class BuildRequest(_message.Message):
-    __slots__ = ("options_json", "client_id")
+    __slots__ = ("options_json", "client_id", "terminal")
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
     options_json: str
     client_id: str
-    def __init__(self, options_json: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    terminal: Terminal
+    def __init__(self, options_json: _Optional[str] = ..., client_id: _Optional[str] = ..., terminal: _Optional[_Union[Terminal, _Mapping]] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
-    __slots__ = ("client_id",)
+    __slots__ = ("client_id", "terminal")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+    terminal: Terminal
+    def __init__(self, client_id: _Optional[str] = ..., terminal: _Optional[_Union[Terminal, _Mapping]] = ...) -> None: ...
 
 class BuildEvent(_message.Message):
     __slots__ = ("progress_json", "done")
@@ -79,26 +107,30 @@ class BuildEvent(_message.Message):
     def __init__(self, progress_json: _Optional[str] = ..., done: _Optional[_Union[BuildDone, _Mapping]] = ...) -> None: ...
 
 class BuildDone(_message.Message):
-    __slots__ = ("ok", "error", "failed_step_json", "process_id", "notes")
+    __slots__ = ("ok", "error", "failed_step_json", "process_id", "notes", "error_kind")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FAILED_STEP_JSON_FIELD_NUMBER: _ClassVar[int]
     PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
     failed_step_json: str
     process_id: str
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., failed_step_json: _Optional[str] = ..., process_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    error_kind: str
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., failed_step_json: _Optional[str] = ..., process_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., error_kind: _Optional[str] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("init", "client_id")
+    __slots__ = ("init", "client_id", "terminal")
     INIT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
     init: bool
     client_id: str
-    def __init__(self, init: _Optional[bool] = ..., client_id: _Optional[str] = ...) -> None: ...
+    terminal: Terminal
+    def __init__(self, init: _Optional[bool] = ..., client_id: _Optional[str] = ..., terminal: _Optional[_Union[Terminal, _Mapping]] = ...) -> None: ...
 
 class RollbackResponse(_message.Message):
     __slots__ = ("process_id",)
@@ -107,20 +139,22 @@ class RollbackResponse(_message.Message):
     def __init__(self, process_id: _Optional[str] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("args", "env", "user", "cwd", "tty", "client_id")
+    __slots__ = ("args", "env", "user", "cwd", "tty", "client_id", "terminal")
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     CWD_FIELD_NUMBER: _ClassVar[int]
     TTY_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
     user: str
     cwd: str
     tty: bool
     client_id: str
-    def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., cwd: _Optional[str] = ..., tty: _Optional[bool] = ..., client_id: _Optional[str] = ...) -> None: ...
+    terminal: Terminal
+    def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., cwd: _Optional[str] = ..., tty: _Optional[bool] = ..., client_id: _Optional[str] = ..., terminal: _Optional[_Union[Terminal, _Mapping]] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("process_id",)
@@ -181,20 +215,24 @@ class Attached(_message.Message):
     def __init__(self, process_id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., tty: _Optional[bool] = ..., replayed_bytes: _Optional[int] = ...) -> None: ...
 
 class Output(_message.Message):
-    __slots__ = ("fd", "data")
+    __slots__ = ("fd", "data", "dropped_bytes")
     FD_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     fd: int
     data: bytes
-    def __init__(self, fd: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    dropped_bytes: int
+    def __init__(self, fd: _Optional[int] = ..., data: _Optional[bytes] = ..., dropped_bytes: _Optional[int] = ...) -> None: ...
 
 class ProcessExited(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "replaced_by")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_BY_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    replaced_by: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., replaced_by: _Optional[str] = ...) -> None: ...
 
 class TakenOver(_message.Message):
     __slots__ = ("by_client",)

@@ -164,7 +164,7 @@ class DebuggerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Disconnect(self, request, context):
-        """Ends one client's attachment (client_id set) or every other client's (empty).
+        """Ends one client's attach and events streams (client_id set) or every other client's (empty).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,511 @@
+"""Benchmark the interactive container: `bkdbg build --invoke` against `docker buildx debug`.
+
+Three figures per tool, on one cached build of a busybox image that holds a 256 MiB file:
+
+1. prompt time: from starting the command on a pty to busybox's `/ # ` prompt;
+2. keystroke echo: one character written to the pty until the shell's echo of it is read
+   back, many times per session;
+3. throughput: `cat` of the 256 MiB file with stdout to a pipe. bkdbg runs it with
+   `--invoke 'cat FILE'`, no terminal at all. `docker buildx debug` 0.13 panics unless one
+   of its standard streams is a terminal, so its stdin is a pty and its stdout the pipe,
+   with `tty=false` for the container process.
+
+The reference is `BUILDX_EXPERIMENTAL=1 docker buildx debug --on always --invoke sh build
+--output type=cacheonly CTX`: cacheonly keeps buildx's docker driver from exporting the
+image to the engine's image store, which bkdbg does not do either without `-o` or `-t`.
+Each session is ended through the shell and the monitor (`exit`, then `exit` at the
+`(bkdbg) ` or `(buildx) ` prompt), and the benchmark checks that no bkdbg server remains.
+
+    .venv/bin/python bench/invoke.py [--rounds N] [--keystrokes N] [--tool bkdbg|buildx]
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pexpect
+from common import (
+    BASE_IMAGE,
+    MB,
+    BkdbgRoot,
+    Engine,
+    cache_records,
+    describe,
+    machine_summary,
+    make_parser,
+    median,
+    prune_records,
+    ratio_text,
+    require_engine,
+    run_checked,
+    selected_tools,
+)
+
+DESCRIPTION = "Time bkdbg build --invoke against docker buildx debug: prompt, echo, throughput."
+DEFAULT_ROUNDS = 5
+DEFAULT_KEYSTROKES = 100
+BIG_FILE = "/bkdbg-bench-big"  # a path no other build uses, so cleanup finds our records
+BIG_SIZE = 256 * 1024 * 1024
+# zeros, so that buildx's launch messages on the same stdout (text, no NUL) can be told apart
+DOCKERFILE = f"FROM {BASE_IMAGE}\nRUN head -c {BIG_SIZE} /dev/zero > {BIG_FILE}\n"
+SHELL_PROMPT = b"/ # "
+# without the trailing space: bkdbg's prompt_toolkit prompt moves the cursor after "(bkdbg)"
+MONITOR_PROMPTS = {"bkdbg": b"(bkdbg)", "buildx": b"(buildx)"}
+# a cursor position request (busybox's line editing and prompt_toolkit send it) and the
+# answer a terminal gives; without an answer prompt_toolkit waits, then prints a warning
+CURSOR_POSITION_REQUEST = b"\x1b[6n"
+CURSOR_POSITION_REPORT = b"\x1b[1;1R"
+EXPECT_TIMEOUT = 60.0  # seconds for a prompt to appear; the first build may take a while
+ECHO_TIMEOUT = 5.0  # seconds for one keystroke's echo
+SETTLE = 0.002  # seconds of quiet output before the next keystroke is sent
+KEYS_PER_LINE = 40  # keystrokes before the line is cleared with Ctrl-U, so it never wraps
+READ_SIZE = 1 << 20
+TERMINAL_SIZE = (24, 80)
+CTRL_U = b"\x15"
+CTRL_A_C = b"\x01c"  # buildx's and bkdbg's key for the monitor
+
+
+@dataclass
+class ToolResults:
+    """Everything measured for one tool."""
+
+    prompt_seconds: list[float] = field(default_factory=list)
+    echo_seconds: list[float] = field(default_factory=list)
+    stream_rates: list[float] = field(default_factory=list)  # bytes per second
+    command_seconds: list[float] = field(default_factory=list)  # until the data ended
+    failures: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def interactive_argv(tool: str, root: BkdbgRoot, context: Path) -> list[str]:
+    """Return the command that builds `context` and opens `sh` in the result."""
+    if tool == "bkdbg":
+        return root.argv("build", "--invoke", "sh", str(context))
+    return [
+        "docker",
+        "buildx",
+        "debug",
+        "--on",
+        "always",
+        "--invoke",
+        "sh",
+        "build",
+        "--output",
+        "type=cacheonly",
+        str(context),
+    ]
+
+
+def bkdbg_cat_argv(root: BkdbgRoot, context: Path) -> list[str]:
+    return root.argv("build", "--progress", "quiet", "--invoke", f"cat {BIG_FILE}", str(context))
+
+
+def buildx_cat_argv(context: Path) -> list[str]:
+    return [
+        "docker",
+        "buildx",
+        "debug",
+        "--on",
+        "always",
+        "--invoke",
+        f"entrypoint=cat,args={BIG_FILE},tty=false",
+        "build",
+        "--progress",
+        "quiet",
+        "--output",
+        "type=cacheonly",
+        str(context),
+    ]
+
+
+def tool_env(tool: str, root: BkdbgRoot, engine: Engine) -> dict[str, str]:
+    env = root.env() if tool == "bkdbg" else engine.docker_env(experimental=True)
+    env.update(TERM="xterm", LINES=str(TERMINAL_SIZE[0]), COLUMNS=str(TERMINAL_SIZE[1]))
+    return env
+
+
+# ---------------------------------------------------------------- interactive session
+
+
+def spawn(argv: list[str], env: dict[str, str]) -> pexpect.spawn[bytes]:
+    child: pexpect.spawn[bytes] = pexpect.spawn(
+        argv[0],
+        argv[1:],
+        env=env,
+        dimensions=TERMINAL_SIZE,
+        timeout=EXPECT_TIMEOUT,
+        encoding=None,
+    )
+    child.delaybeforesend = None  # pexpect sleeps 50 ms before each send by default
+    return child
+
+
+def expect(child: pexpect.spawn[bytes], text: bytes | type[pexpect.EOF], what: str) -> None:
+    """Wait for `text`, answering cursor position requests meanwhile as a terminal does.
+
+    Raises RuntimeError with the output tail when `text` does not come.
+    """
+    try:
+        while child.expect_exact([text, CURSOR_POSITION_REQUEST]) == 1:
+            child.send(CURSOR_POSITION_REPORT)
+    except (pexpect.TIMEOUT, pexpect.EOF) as exc:
+        tail = (child.before or b"")[-600:].decode(errors="replace")
+        raise RuntimeError(
+            f"{what}: {text!r} not seen ({type(exc).__name__}); output ended with: {tail!r}"
+        ) from None
+
+
+def drain(fd: int, quiet: float = SETTLE) -> None:
+    """Read and drop output until none arrives for `quiet` seconds."""
+    while select.select([fd], [], [], quiet)[0]:
+        try:
+            if not os.read(fd, READ_SIZE):
+                return
+        except OSError:
+            return
+
+
+def echo_round_trip(fd: int) -> float:
+    """Send one `x` to the pty and return the seconds until its echo is read back."""
+    started = time.perf_counter()
+    os.write(fd, b"x")
+    deadline = started + ECHO_TIMEOUT
+    while True:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise RuntimeError(f"no echo within {ECHO_TIMEOUT} s")
+        if b"x" in os.read(fd, READ_SIZE):
+            return time.perf_counter() - started
+
+
+def echo_round_trips(child: pexpect.spawn[bytes], count: int) -> list[float]:
+    """Measure `count` keystroke echoes at the shell prompt, clearing the line as it fills."""
+    fd = child.child_fd
+    samples = []
+    drain(fd)
+    for index in range(count):
+        samples.append(echo_round_trip(fd))
+        drain(fd)
+        if index % KEYS_PER_LINE == KEYS_PER_LINE - 1:
+            os.write(fd, CTRL_U)
+            drain(fd, quiet=0.05)
+    os.write(fd, CTRL_U)
+    drain(fd, quiet=0.05)
+    return samples
+
+
+def end_session(tool: str, child: pexpect.spawn[bytes]) -> int:
+    """Leave the shell and the monitor with `exit`, and return the command's exit status."""
+    child.send(b"exit\r")
+    expect(child, MONITOR_PROMPTS[tool], f"{tool}: monitor after the shell exited")
+    child.send(b"exit\r")
+    expect(child, pexpect.EOF, f"{tool}: end of the command after `exit` at the monitor")
+    child.close()
+    return child.exitstatus if child.exitstatus is not None else 128 + (child.signalstatus or 0)
+
+
+def interactive_round(
+    tool: str, root: BkdbgRoot, engine: Engine, context: Path, keystrokes: int
+) -> tuple[float, list[float]]:
+    """Run one session: returns the seconds to the prompt and the echo round trips."""
+    started = time.perf_counter()
+    child = spawn(interactive_argv(tool, root, context), tool_env(tool, root, engine))
+    try:
+        expect(child, SHELL_PROMPT, f"{tool}: shell prompt")
+        prompt_seconds = time.perf_counter() - started
+        echoes = echo_round_trips(child, keystrokes)
+        status = end_session(tool, child)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    if status != 0:
+        raise RuntimeError(f"{tool}: the session ended with status {status}, expected 0")
+    return prompt_seconds, echoes
+
+
+# ---------------------------------------------------------------- throughput
+
+
+@dataclass
+class StreamClock:
+    """Counts the file's bytes on stdout and when the first and the last of them arrived."""
+
+    expected: int
+    data_bytes: int = 0
+    first: float | None = None
+    last: float | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        # the file is all zeros, and launch messages on the same stream hold no NUL byte
+        zeros = chunk.count(0)
+        if not zeros:
+            return
+        now = time.perf_counter()
+        self.first = self.first if self.first is not None else now
+        self.last = now
+        self.data_bytes += zeros
+
+    @property
+    def complete(self) -> bool:
+        return self.data_bytes >= self.expected
+
+    def rate(self) -> float:
+        """Bytes per second from the first to the last data chunk."""
+        if self.first is None or self.last is None or self.last <= self.first:
+            return float("nan")
+        return self.data_bytes / (self.last - self.first)
+
+
+def bkdbg_cat(root: BkdbgRoot, context: Path) -> tuple[float, float]:
+    """Run bkdbg's `cat` with no terminal; returns (bytes per second, seconds to the last byte)."""
+    clock = StreamClock(BIG_SIZE)
+    # a file, not a pipe, so that stderr never blocks bkdbg while stdout is being read
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            bkdbg_cat_argv(root, context),
+            env=root.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        assert process.stdout is not None
+        with process.stdout:
+            while chunk := os.read(process.stdout.fileno(), READ_SIZE):
+                clock.feed(chunk)
+        status = process.wait(timeout=EXPECT_TIMEOUT)
+        elapsed = time.perf_counter() - started
+        stderr.seek(0)
+        errors = stderr.read().decode(errors="replace")[-600:].strip()
+    if status != 0 or not clock.complete:
+        raise RuntimeError(
+            f"bkdbg cat: exit status {status}, {clock.data_bytes / MB:.1f} of "
+            f"{BIG_SIZE / MB:.1f} MB arrived, at {clock.rate() / MB:.0f} MB/s; "
+            f"stderr: {errors or '(empty)'}"
+        )
+    return clock.rate(), elapsed
+
+
+def buildx_cat(engine: Engine, context: Path) -> tuple[float, float]:
+    """Run buildx's `cat` with stdin on a pty and stdout to a pipe; see the module docstring."""
+    master, slave = os.openpty()
+    clock = StreamClock(BIG_SIZE)
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        buildx_cat_argv(context),
+        env=engine.docker_env(experimental=True),
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    try:
+        elapsed = _follow_buildx_cat(process, master, clock, started)
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode != 0 or not clock.complete:
+        raise RuntimeError(
+            f"buildx cat: exit status {process.returncode}, {clock.data_bytes / MB:.1f} of "
+            f"{BIG_SIZE / MB:.1f} MB arrived"
+        )
+    return clock.rate(), elapsed
+
+
+def _follow_buildx_cat(
+    process: subprocess.Popen[bytes], master: int, clock: StreamClock, started: float
+) -> float:
+    """Count the data, then leave through the monitor; returns the seconds until the data ended.
+
+    buildx 0.13 does not open its monitor by itself when a non-tty process ends, so the
+    benchmark switches to it with Ctrl-a c once every byte has arrived.
+    """
+    assert process.stdout is not None
+    elapsed = float("nan")
+    sent_exit = False
+    tail = b""
+    while chunk := os.read(process.stdout.fileno(), READ_SIZE):
+        clock.feed(chunk)
+        if clock.complete and elapsed != elapsed:  # NaN: the data has just completed
+            elapsed = time.perf_counter() - started
+            os.write(master, CTRL_A_C)
+        tail = (tail + chunk)[-64:]
+        if clock.complete and not sent_exit and MONITOR_PROMPTS["buildx"] in tail:
+            os.write(master, b"exit\r")
+            sent_exit = True
+    process.wait(timeout=EXPECT_TIMEOUT)
+    return elapsed
+
+
+# ---------------------------------------------------------------- rounds and report
+
+
+Step = Callable[[], str]  # one measurement; returns the line to print about it
+
+
+def run_rounds(
+    results: dict[str, ToolResults],
+    rounds: int,
+    keystrokes: int,
+    root: BkdbgRoot,
+    engine: Engine,
+    context: Path,
+) -> None:
+    """Run a warm-up session per tool, then the rounds with the tools interleaved."""
+    tools = list(results)
+    for tool in tools:
+        step = partial(warm_up_round, tool, root, engine, context)
+        attempt(tool, "warm-up session", results[tool], root, step)
+    for index in range(rounds):
+        # alternate which tool goes first, so neither always meets a busier engine
+        for tool in tools if index % 2 == 0 else tools[::-1]:
+            step = partial(session_round, tool, keystrokes, root, engine, context, results[tool])
+            attempt(tool, f"round {index + 1}", results[tool], root, step)
+    for index in range(rounds):
+        for tool in tools if index % 2 == 0 else tools[::-1]:
+            step = partial(cat_round, tool, root, engine, context, results[tool])
+            attempt(tool, f"cat round {index + 1}", results[tool], root, step)
+
+
+def attempt(tool: str, label: str, results: ToolResults, root: BkdbgRoot, step: Step) -> None:
+    """Run one measurement, recording a failure instead of ending the benchmark."""
+    try:
+        print(f"  {label} {tool}: {step()}")
+    except (RuntimeError, subprocess.TimeoutExpired, pexpect.ExceptionPexpect, OSError) as exc:
+        results.failures.append(f"{label}: {exc}")
+        print(f"  {label} {tool}: failed: {exc}")
+    if tool == "bkdbg" and root.stop_servers():
+        results.failures.append(f"{label}: a bkdbg server was still running afterwards")
+
+
+def warm_up_round(tool: str, root: BkdbgRoot, engine: Engine, context: Path) -> str:
+    prompt, _ = interactive_round(tool, root, engine, context, keystrokes=1)
+    return f"prompt {prompt:.3f} s (not counted)"
+
+
+def session_round(
+    tool: str, keystrokes: int, root: BkdbgRoot, engine: Engine, context: Path, results: ToolResults
+) -> str:
+    prompt, echoes = interactive_round(tool, root, engine, context, keystrokes)
+    results.prompt_seconds.append(prompt)
+    results.echo_seconds.extend(echoes)
+    return f"prompt {prompt:.3f} s, echo median {median(echoes) * 1000:.2f} ms"
+
+
+def cat_round(
+    tool: str, root: BkdbgRoot, engine: Engine, context: Path, results: ToolResults
+) -> str:
+    if tool == "bkdbg":
+        rate, seconds = bkdbg_cat(root, context)
+    else:
+        rate, seconds = buildx_cat(engine, context)
+    results.stream_rates.append(rate)
+    results.command_seconds.append(seconds)
+    return f"{rate / MB:.0f} MB/s while streaming, data complete after {seconds:.2f} s"
+
+
+def report(results: dict[str, ToolResults]) -> None:
+    bkdbg, buildx = results.get("bkdbg", ToolResults()), results.get("buildx", ToolResults())
+    print("\nprompt time, cached build (s):")
+    for tool, result in results.items():
+        print(f"  {tool:6} {describe(result.prompt_seconds, 's', digits=3)}")
+    print(
+        f"  ratio bkdbg/buildx: {ratio_text(bkdbg.prompt_seconds, buildx.prompt_seconds)} "
+        "(target <= 1.0)"
+    )
+    print("keystroke echo round trip (ms):")
+    for tool, result in results.items():
+        print(f"  {tool:6} {describe(result.echo_seconds, 'ms', scale=1000)}")
+    print("  target: bkdbg median <= 1.5 ms")
+    print(f"cat of {BIG_SIZE // (1024 * 1024)} MiB to a pipe (MB/s, 1 MB = 10^6 bytes):")
+    for tool, result in results.items():
+        print(
+            f"  {tool:6} {describe(result.stream_rates, 'MB/s', scale=1 / MB, digits=0)}; "
+            f"from command start to the last byte {describe(result.command_seconds, 's')}"
+        )
+    print("  target: bkdbg >= 200 MB/s")
+    for tool, result in results.items():
+        for failure in result.failures:
+            print(f"failed, {tool}: {failure}")
+
+
+# ---------------------------------------------------------------- setup and cleanup
+
+
+def prepare_context(directory: Path, engine: Engine) -> Path:
+    """Write the benchmark's build context and build it once, so every round is cached."""
+    context = directory / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(DOCKERFILE)
+    run_checked(
+        [
+            "docker",
+            "buildx",
+            "build",
+            "--progress",
+            "quiet",
+            "--output",
+            "type=cacheonly",
+            str(context),
+        ],
+        engine.docker_env(),
+        timeout=300,
+    )
+    return context
+
+
+def prune_benchmark_cache(engine: Engine) -> None:
+    """Remove the cache records whose description names BIG_FILE, which only this makes."""
+    ours = [
+        str(record["ID"])
+        for record in cache_records(engine)
+        if BIG_FILE in str(record.get("Description"))
+    ]
+    deleted = prune_records(engine, ours)
+    print(f"\npruned {deleted} of {len(ours)} build cache records made by this benchmark")
+
+
+def main() -> int:
+    parser = make_parser(DESCRIPTION, DEFAULT_ROUNDS)
+    parser.add_argument(
+        "--keystrokes",
+        type=int,
+        default=DEFAULT_KEYSTROKES,
+        help=f"echo round trips per session (default {DEFAULT_KEYSTROKES})",
+    )
+    args = parser.parse_args()
+    engine = Engine(args.docker_host)
+    print(f"machine: {machine_summary(require_engine(engine))}")
+    results = {tool: ToolResults() for tool in selected_tools(args)}
+    with tempfile.TemporaryDirectory(prefix="bkdbg-bench-invoke-") as scratch:
+        with BkdbgRoot(engine) as root:
+            try:
+                context = prepare_context(Path(scratch), engine)
+                run_rounds(results, args.rounds, args.keystrokes, root, engine, context)
+            except RuntimeError as exc:
+                print(f"bench: error: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                if "bkdbg" in results:
+                    print(f"bkdbg list at the end: {root.sessions_listed() or '(empty)'}")
+        # after the root is closed, so no bkdbg server holds the result any more
+        prune_benchmark_cache(engine)
+    report(results)
+    return 1 if any(result.failures for result in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

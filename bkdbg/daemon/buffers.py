@@ -1,0 +1,160 @@
+"""Bounded output storage: a process's replay ring and a client's send queue.
+
+Both are written from the thread that receives a process's output, which must never
+block on a client, so both drop their oldest output instead of waiting for space.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from bkdbg.daemon.messages import TERMINAL_MESSAGES, AttachMessage, Output
+
+RING_BYTES = 256 * 1024
+# per attached client: room for bursts of terminal output, and the most memory that one
+# slow client can cost the server per attachment
+QUEUE_BYTES = 1024 * 1024
+
+
+class RingBuffer:
+    """The last `capacity` bytes of a process's output, kept as (fd, bytes) chunks."""
+
+    def __init__(self, capacity: int = RING_BYTES) -> None:
+        self.capacity = capacity
+        self._chunks: deque[tuple[int, bytes]] = deque()
+        self._size = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, fd: int, data: bytes) -> None:
+        if len(data) > self.capacity:
+            self.dropped += len(data) - self.capacity
+            data = data[-self.capacity :]
+        self._chunks.append((fd, data))
+        self._size += len(data)
+        self._trim()
+
+    def _trim(self) -> None:
+        while self._size > self.capacity:
+            fd, oldest = self._chunks.popleft()
+            excess = self._size - self.capacity
+            if excess < len(oldest):
+                # keep the newest part of a chunk that only partly overflows
+                self._chunks.appendleft((fd, oldest[excess:]))
+                self._size -= excess
+                self.dropped += excess
+            else:
+                self._size -= len(oldest)
+                self.dropped += len(oldest)
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        return list(self._chunks)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+
+
+class SendQueue:
+    """Messages waiting to be sent to one attached client, bounded in output bytes.
+
+    When the output queued exceeds `max_bytes`, the oldest output chunks are dropped (never
+    the newest one, and never a control message), so a slow client sees the latest output
+    and the count of bytes it missed. After `close()`, `get` returns None once the
+    messages already queued are taken; `abort()` discards them as well.
+    """
+
+    def __init__(self, max_bytes: int = QUEUE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: deque[AttachMessage] = deque()
+        self._output_bytes = 0
+        self._output_count = 0
+        self._dropped = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self.total_dropped = 0
+
+    def put(self, message: AttachMessage) -> bool:
+        """Queue `message`; return False when the queue is closed. Never blocks."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._items.append(message)
+            if isinstance(message, Output):
+                self._output_bytes += len(message.data)
+                self._output_count += 1
+                self._drop_oldest_output()
+            if isinstance(message, TERMINAL_MESSAGES):
+                self._closed = True
+            self._cond.notify()
+            return True
+
+    def _drop_oldest_output(self) -> None:
+        # the newest chunk always stays, even when it alone exceeds max_bytes
+        while self._output_bytes > self.max_bytes and self._output_count > 1:
+            index = self._oldest_output_index()
+            dropped = self._items[index]
+            assert isinstance(dropped, Output)
+            del self._items[index]
+            self._output_bytes -= len(dropped.data)
+            self._output_count -= 1
+            self._dropped += len(dropped.data)
+            self.total_dropped += len(dropped.data)
+
+    def _oldest_output_index(self) -> int:
+        # control messages sit only at the ends (Attached first, a terminal one last), so
+        # this scan stops at index 0 or 1
+        for index, item in enumerate(self._items):
+            if isinstance(item, Output):
+                return index
+        raise AssertionError("no output queued")
+
+    def get(self, timeout: float | None = None) -> AttachMessage | None:
+        """Return the next message, or None when closed and empty or after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            return self._take()
+
+    def _take(self) -> AttachMessage:
+        message = self._items.popleft()
+        if isinstance(message, Output):
+            self._output_bytes -= len(message.data)
+            self._output_count -= 1
+            if self._dropped:
+                message = Output(message.fd, message.data, self._dropped)
+                self._dropped = 0
+        return message
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._output_bytes = 0
+            self._output_count = 0
+            self._cond.notify_all()
+
+    @property
+    def output_bytes(self) -> int:
+        with self._cond:
+            return self._output_bytes
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed

@@ -1,0 +1,496 @@
+"""`DaemonClient`: the only way the shell talks to a bkdbg server.
+
+This module is the one place where `grpc.RpcError` from a server becomes a `bkdbg.errors`
+exception: the class named in the `bkdbg-error` trailing metadata when the server sent
+one, else by status code (UNAVAILABLE means no server answers at the socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+import bkdbg
+from bkdbg import errors
+from bkdbg.daemon import api_pb2 as pb
+from bkdbg.daemon import api_pb2_grpc
+from bkdbg.daemon.convert import (
+    ERROR_KEY,
+    attach_output_from_pb,
+    build_event_from_pb,
+    event_from_pb,
+    process_info_from_pb,
+    server_status_from_pb,
+)
+from bkdbg.daemon.instances import (
+    InstancePaths,
+    create_instance,
+    ensure_root,
+    find_instance,
+    read_record,
+    remove_instance,
+    resolve_root,
+    server_alive,
+    wait_pid_gone,
+)
+from bkdbg.daemon.launcher import LAUNCH_TIMEOUT, spawn_server
+from bkdbg.daemon.messages import (
+    ERROR_CLASSES,
+    TERMINAL_MESSAGES,
+    Attached,
+    AttachMessage,
+    BuildEvent,
+    InstanceInfo,
+    ProcessInfo,
+    ServerEvent,
+    ServerStatus,
+    build_error,
+)
+from bkdbg.errors import BkdbgError, ServerError, ServerUnreachable, UsageError
+from bkdbg.options import BuildOptions
+
+if TYPE_CHECKING:
+    from bkdbg.daemon.server import Server
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 1.0  # seconds for Hello or Info from a server that should be running
+STOP_TIMEOUT = 10.0  # seconds for a server to exit after Shutdown
+DETACH_TIMEOUT = 1.0  # seconds for the server to take the last input of a closing stream
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+def client_version() -> str:
+    return bkdbg.__version__
+
+
+# ---------------------------------------------------------------- errors
+
+
+def translate(exc: grpc.RpcError, paths: InstancePaths) -> BkdbgError:
+    """Return the bkdbg error for a failed call to the server of `paths`."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else "") or str(code)
+    kind = _error_kind(exc)
+    if kind in ERROR_CLASSES:
+        return ERROR_CLASSES[kind](details)
+    instance = paths.instance_id
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ServerUnreachable(
+            f"bkdbg server {instance} is not running or not answering: {paths.socket}: "
+            "run bkdbg list"
+        )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return UsageError(details)
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+        return errors.NotAttached(details)
+    return ServerError(
+        f"bkdbg server {instance} failed: {details}: see its log {paths.log_file}"
+    )
+
+
+def _error_kind(exc: grpc.RpcError) -> str:
+    if not isinstance(exc, grpc.Call):
+        return ""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_KEY:
+            return str(value)
+    return ""
+
+
+# ---------------------------------------------------------------- the client
+
+
+class DaemonClient:
+    """A connection to one server; make one with `launch`, `connect` or `run_in_process`."""
+
+    def __init__(self, paths: InstancePaths, channel: grpc.Channel) -> None:
+        self.paths = paths
+        self._channel = channel
+        self._stub = api_pb2_grpc.DebuggerStub(channel)
+        self._server: Server | None = None
+        self.client_id = ""
+        self.server_pid = 0
+        self.server_version = ""
+        self._said_goodbye = False
+
+    @property
+    def instance_id(self) -> str:
+        return self.paths.instance_id
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+    # ------------------------------------------------------------ making clients
+
+    @classmethod
+    def launch(cls, root: str | os.PathLike[str] | None = None, debug: bool = False,
+               idle_timeout: float | None = None, name: str = "",
+               timeout: float = LAUNCH_TIMEOUT) -> DaemonClient:
+        """Start a new detached server under `root` and connect to it."""
+        root_path = ensure_root(resolve_root(root))
+        paths = create_instance(root_path)
+        try:
+            spawn_server(paths, debug, idle_timeout, timeout)
+        except BkdbgError:
+            if not debug:
+                remove_instance(paths)
+            raise
+        return cls.connect(root_path, paths.instance_id, name=name)
+
+    @classmethod
+    def connect(cls, root: str | os.PathLike[str] | None, instance_id: str,
+                timeout: float = PROBE_TIMEOUT, name: str = "",
+                check_version: bool = True) -> DaemonClient:
+        """Connect to a running server and say Hello.
+
+        Raises UnknownInstance for an id without a directory, ServerUnreachable when the
+        server does not answer within `timeout` seconds, and VersionMismatch.
+        """
+        root_path = resolve_root(root)
+        paths = find_instance(root_path, instance_id)
+        if paths is None:
+            raise errors.UnknownInstance(
+                f"no bkdbg server with id {instance_id}: {root_path}: run bkdbg list"
+            )
+        client = cls(paths, _open_channel(paths))
+        try:
+            client.hello(name, timeout, check_version)
+        except ServerUnreachable:
+            client.close(say_goodbye=False)
+            raise _unreachable_error(paths) from None
+        except BkdbgError:
+            client.close(say_goodbye=False)
+            raise
+        return client
+
+    def own_server(self, server: Server) -> None:
+        """Make `close()` stop `server`, which runs in this process (--detach=false)."""
+        self._server = server
+
+    # ------------------------------------------------------------ unary calls
+
+    def hello(self, name: str = "", timeout: float = PROBE_TIMEOUT,
+              check_version: bool = True) -> str:
+        """Register with the server and check its version; returns this client's id."""
+        request = pb.HelloRequest(client_version=client_version(), client_pid=os.getpid(),
+                                  client_name=name)
+        with self._translated():
+            response = self._stub.Hello(request, timeout=timeout)
+        self.client_id = response.client_id
+        self.server_pid = response.server_pid
+        self.server_version = response.server_version
+        if check_version and response.server_version != client_version():
+            raise errors.VersionMismatch(
+                f"bkdbg server {self.instance_id} runs version {response.server_version}, "
+                f"this client is version {client_version()}: "
+                f"stop it with bkdbg kill {self.instance_id}"
+            )
+        return self.client_id
+
+    def info(self, timeout: float | None = None) -> ServerStatus:
+        with self._translated():
+            return server_status_from_pb(self._stub.Info(pb.InfoRequest(), timeout=timeout))
+
+    def rollback(self, init: bool = False, term: str | None = None, rows: int = 0,
+                 cols: int = 0) -> str:
+        """Restart the interactive process in a new container; returns its process id.
+
+        `term` (default: $TERM), `rows` and `cols` describe this client's terminal, for a
+        tty process; the same holds for `build`, `reload` and `exec`.
+        """
+        request = pb.RollbackRequest(init=init, client_id=self.client_id,
+                                     terminal=_terminal(term, rows, cols))
+        with self._translated():
+            return str(self._stub.Rollback(request).process_id)
+
+    def exec(self, args: list[str], env: list[str] | None = None, user: str = "",
+             cwd: str = "", tty: bool = False, term: str | None = None, rows: int = 0,
+             cols: int = 0) -> str:
+        """Start a process in the current container; returns its process id."""
+        request = pb.ExecRequest(args=args, env=env or [], user=user, cwd=cwd, tty=tty,
+                                 client_id=self.client_id,
+                                 terminal=_terminal(term, rows, cols))
+        with self._translated():
+            return str(self._stub.Exec(request).process_id)
+
+    def list_processes(self) -> list[ProcessInfo]:
+        with self._translated():
+            response = self._stub.ListProcesses(pb.ListProcessesRequest())
+        return [process_info_from_pb(p) for p in response.processes]
+
+    def disconnect(self, client_id: str = "") -> int:
+        """End one client's streams, or every other client's; returns how many."""
+        request = pb.DisconnectRequest(client_id=client_id, requester_id=self.client_id)
+        with self._translated():
+            return int(self._stub.Disconnect(request).disconnected)
+
+    def goodbye(self, end_session: bool = False) -> bool:
+        """Leave; with end_session the server stops unless another client is there.
+
+        Returns whether the server is stopping.
+        """
+        request = pb.GoodbyeRequest(client_id=self.client_id, end_session=end_session)
+        with self._translated():
+            stopping = bool(self._stub.Goodbye(request).shutting_down)
+        self._said_goodbye = True
+        return stopping
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the server: release containers, cancel the build, exit; then wait for it."""
+        with self._translated():
+            self._stub.Shutdown(pb.ShutdownRequest(), timeout=timeout)
+        self._said_goodbye = True
+        if wait:
+            self.wait_stopped()
+
+    def wait_stopped(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Wait until the server process is gone; returns False after `timeout` s."""
+        if self._server is not None:
+            return self._server.wait_stopped(timeout)
+        return wait_pid_gone(self.server_pid, self.instance_id, timeout)
+
+    # ------------------------------------------------------------ streams
+
+    def build(self, options: BuildOptions, term: str | None = None, rows: int = 0,
+              cols: int = 0) -> Iterator[BuildEvent]:
+        """Start the build; yields BuildProgress batches, then one BuildDone."""
+        request = pb.BuildRequest(options_json=options.to_json(), client_id=self.client_id,
+                                  terminal=_terminal(term, rows, cols))
+        return self._build_events(self._stub.Build(request))
+
+    def reload(self, term: str | None = None, rows: int = 0,
+               cols: int = 0) -> Iterator[BuildEvent]:
+        """Rebuild with the same options; yields like `build`."""
+        request = pb.ReloadRequest(client_id=self.client_id, terminal=_terminal(term, rows, cols))
+        return self._build_events(self._stub.Reload(request))
+
+    def _build_events(self, call: Any) -> Iterator[BuildEvent]:
+        try:
+            with self._translated():
+                for event in call:
+                    yield build_event_from_pb(event)
+        finally:
+            # a caller that stops early leaves the build running in the server
+            call.cancel()
+
+    def attach(self, process_id: str = "", tty: bool = False, rows: int = 0, cols: int = 0,
+               read_only: bool = False, replay: bool = True) -> AttachStream:
+        """Attach to a process (empty id: the interactive one); raises NotAttached if none."""
+        start = pb.AttachStart(process_id=process_id, client_id=self.client_id, tty=tty,
+                               rows=rows, cols=cols, read_only=read_only, replay=replay)
+        return AttachStream(self, start)
+
+    def events(self) -> EventStream:
+        return EventStream(self)
+
+    # ------------------------------------------------------------ closing
+
+    def close(self, say_goodbye: bool = True) -> None:
+        """Close the connection; a server in this process stops."""
+        if say_goodbye and not self._said_goodbye and self.client_id:
+            with contextlib.suppress(BkdbgError):
+                with self._translated():
+                    self._stub.Goodbye(pb.GoodbyeRequest(client_id=self.client_id),
+                                       timeout=PROBE_TIMEOUT)
+            self._said_goodbye = True
+        self._channel.close()
+        if self._server is not None:
+            self._server.request_stop("its in-process client closed")
+            self._server.wait_stopped(STOP_TIMEOUT)
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except grpc.RpcError as exc:
+            raise translate(exc, self.paths) from exc
+
+
+class AttachStream:
+    """One attach stream: send input, iterate over Attached, Output and a final message.
+
+    Iteration ends after Exited, TakenOver or Closed, or after `close()`. Creating the
+    stream waits for the server's Attached message, available as `attached`.
+    """
+
+    def __init__(self, client: DaemonClient, start: pb.AttachStart) -> None:
+        self._client = client
+        self._requests: queue.Queue[pb.AttachInput | None] = queue.Queue()
+        self._requests.put(pb.AttachInput(start=start))
+        self._closed = False
+        self._call = client._stub.Attach(self._request_iterator())
+        first = self._next()
+        if not isinstance(first, Attached):
+            self.close()
+            raise ServerError(
+                f"bkdbg server {client.instance_id} sent {type(first).__name__} before "
+                "Attached: use the same bkdbg version for client and server"
+            )
+        self.attached = first
+
+    def _request_iterator(self) -> Iterator[pb.AttachInput]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send_stdin(self, data: bytes) -> None:
+        if data:
+            self._send(pb.AttachInput(stdin=data))
+
+    def close_stdin(self) -> None:
+        self._send(pb.AttachInput(stdin_eof=True))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._send(pb.AttachInput(resize=pb.Resize(rows=rows, cols=cols)))
+
+    def signal(self, name: str) -> None:
+        """Send a signal by name, with or without the SIG prefix; raises UsageError if unknown."""
+        bare = name.upper().removeprefix("SIG")
+        if f"SIG{bare}" not in signal.Signals.__members__:
+            raise UsageError(f"unknown signal: {name}: use a name such as INT, TERM or KILL")
+        self._send(pb.AttachInput(signal=bare))
+
+    def _send(self, request: pb.AttachInput) -> None:
+        if not self._closed:
+            self._requests.put(request)
+
+    def __iter__(self) -> Iterator[AttachMessage]:
+        while not self._closed:
+            message = self._next()
+            if message is None:
+                return
+            yield message
+            if isinstance(message, TERMINAL_MESSAGES):
+                self._end_requests()
+                return
+
+    def _next(self) -> AttachMessage | None:
+        try:
+            return attach_output_from_pb(next(self._call))
+        except StopIteration:
+            self._end_requests()
+            return None
+        except grpc.RpcError as exc:
+            self._end_requests()
+            if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+                return None
+            raise translate(exc, self._client.paths) from exc
+
+    def _end_requests(self) -> None:
+        # lets gRPC's thread that reads the request iterator finish
+        self._requests.put(None)
+
+    def close(self, timeout: float = DETACH_TIMEOUT) -> None:
+        """Detach: the process keeps running, and the server keeps its output again.
+
+        Input sent before is delivered first: the server ends the stream once it read it,
+        or the stream is cancelled after `timeout` seconds.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        ended = threading.Event()
+        self._call.add_done_callback(lambda _: ended.set())
+        self._end_requests()
+        if not ended.wait(timeout):
+            logger.debug("attach stream of %s did not end; cancelling it", self._client.instance_id)
+        self._call.cancel()
+
+
+class EventStream:
+    """Server events for one client, until `close()` or the server ends the stream."""
+
+    def __init__(self, client: DaemonClient) -> None:
+        self._client = client
+        self._closed = False
+        self._call = client._stub.Events(pb.EventsRequest(client_id=client.client_id))
+
+    def __iter__(self) -> Iterator[ServerEvent]:
+        try:
+            for event in self._call:
+                yield event_from_pb(event)
+        except grpc.RpcError as exc:
+            if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise translate(exc, self._client.paths) from exc
+
+    def close(self) -> None:
+        self._closed = True
+        self._call.cancel()
+
+
+# ---------------------------------------------------------------- instances
+
+
+def list_instances(root: str | os.PathLike[str] | None = None) -> list[InstanceInfo]:
+    """Probe every instance under `root`; stale ones are returned once and removed."""
+    from bkdbg.daemon import admin
+
+    return admin.list_instances(root)
+
+
+def kill_instance(root: str | os.PathLike[str] | None, instance_id: str) -> str:
+    """Stop a server and remove its directory; returns "stopped", or "stale" for a dead one."""
+    from bkdbg.daemon import admin
+
+    return admin.kill_instance(root, instance_id)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _terminal(term: str | None, rows: int, cols: int) -> pb.Terminal:
+    term = os.environ.get("TERM", "") if term is None else term
+    return pb.Terminal(term=term, rows=rows, cols=cols)
+
+
+def open_client(paths: InstancePaths) -> DaemonClient:
+    """Return a client for the server of `paths` without saying Hello (for probes)."""
+    return DaemonClient(paths, _open_channel(paths))
+
+
+def _open_channel(paths: InstancePaths) -> grpc.Channel:
+    return grpc.insecure_channel(f"unix:{paths.socket}", options=CHANNEL_OPTIONS)
+
+
+def _unreachable_error(paths: InstancePaths) -> ServerUnreachable:
+    record = read_record(paths)
+    if record.pid is not None and not server_alive(record):
+        return ServerUnreachable(
+            f"bkdbg server {paths.instance_id} is not running: its process {record.pid} "
+            "is gone: run bkdbg list to remove it"
+        )
+    return ServerUnreachable(
+        f"bkdbg server {paths.instance_id} does not answer: {paths.socket}: "
+        f"see its log {paths.log_file}, or stop it with bkdbg kill {paths.instance_id}"
+    )
+
+
+__all__ = [
+    "AttachStream",
+    "DaemonClient",
+    "EventStream",
+    "InstanceInfo",
+    "open_client",
+    "build_error",
+    "kill_instance",
+    "list_instances",
+    "translate",
+]

@@ -1,0 +1,361 @@
+"""Where servers live: the root directory and one directory per server instance.
+
+Layout, all owned by the user who runs bkdbg::
+
+    ROOT/                 --root, else $BKDBG_ROOT, else platformdirs' runtime or data dir
+      ID/                 0700, one per server; ID is 8 lowercase hex digits
+        sock              0600, the socket clients connect to
+        .rpc              0600, the gRPC server's own socket, reached only through `sock`
+        pid               the server's process id
+        log               0600, the server's log (its stdout and stderr too)
+        meta.json         context, started (Unix seconds), version, in_process
+
+Modes are set explicitly after creation, so a permissive umask never loosens them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import stat
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from bkdbg.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "bkdbg"
+ROOT_ENV = "BKDBG_ROOT"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# sun_path in struct sockaddr_un is 108 bytes on Linux, one of them the terminating NUL
+MAX_SOCKET_PATH = 107
+_ID_PATTERN = re.compile(r"^[0-9a-f]{8}$")
+
+
+@dataclass(frozen=True)
+class InstancePaths:
+    """The files of one server instance."""
+
+    root: Path
+    instance_id: str
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.instance_id
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "sock"
+
+    @property
+    def rpc_socket(self) -> Path:
+        return self.directory / ".rpc"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "log"
+
+    @property
+    def meta_file(self) -> Path:
+        return self.directory / "meta.json"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What an instance directory shows without asking its server."""
+
+    paths: InstancePaths
+    pid: int | None
+    meta: dict[str, Any]
+    created: float
+
+    @property
+    def instance_id(self) -> str:
+        return self.paths.instance_id
+
+
+def resolve_root(explicit: str | os.PathLike[str] | None = None,
+                 environ: Mapping[str, str] | None = None) -> Path:
+    """Return the root directory: `explicit` (--root), else $BKDBG_ROOT, else the default."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    if env.get(ROOT_ENV):
+        return Path(env[ROOT_ENV]).expanduser().absolute()
+    return default_root()
+
+
+def default_root() -> Path:
+    """Return platformdirs' user runtime dir when it is usable, else the user data dir."""
+    runtime = _usable_runtime_dir()
+    if runtime is not None:
+        return runtime
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def _usable_runtime_dir() -> Path | None:
+    # platformdirs warns and falls back to a temp dir when XDG_RUNTIME_DIR is missing or
+    # unsafe; only a base dir that already exists, is ours and is writable counts here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            path = Path(platformdirs.user_runtime_dir(APP_NAME))
+        except OSError:
+            return None
+    base = path.parent
+    try:
+        info = base.stat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        return None
+    return path if os.access(base, os.W_OK | os.X_OK) else None
+
+
+def new_instance_id() -> str:
+    """Return a fresh instance id: 8 lowercase hex digits."""
+    return secrets.token_hex(4)
+
+
+def is_instance_id(text: str) -> bool:
+    return bool(_ID_PATTERN.match(text))
+
+
+def ensure_root(root: Path) -> Path:
+    """Create `root` (0700) if missing and check that it is a writable directory."""
+    try:
+        root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _root_error(root, exc.strerror or str(exc)) from exc
+    if not root.is_dir():
+        raise _root_error(root, "not a directory")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise _root_error(root, "permission denied")
+    return root
+
+
+def _root_error(root: Path, reason: str) -> UsageError:
+    return UsageError(
+        f"bkdbg root directory is not writable ({reason}): {root}: "
+        "choose another with --root or BKDBG_ROOT"
+    )
+
+
+def check_socket_paths(paths: InstancePaths) -> None:
+    """Raise UsageError when a socket path of the instance does not fit in AF_UNIX's limit."""
+    for path in (paths.socket, paths.rpc_socket):
+        size = len(os.fsencode(path))
+        if size > MAX_SOCKET_PATH:
+            raise UsageError(
+                f"socket path too long for a unix socket ({size} > {MAX_SOCKET_PATH} bytes): "
+                f"{path}: choose a shorter --root, e.g. --root /tmp/bkdbg-{os.getuid()}"
+            )
+
+
+def create_instance(root: Path, instance_id: str | None = None) -> InstancePaths:
+    """Create the directory and empty log of a new instance and return its paths."""
+    ensure_root(root)
+    paths = InstancePaths(root, instance_id or new_instance_id())
+    check_socket_paths(paths)
+    os.mkdir(paths.directory, DIR_MODE)
+    os.chmod(paths.directory, DIR_MODE)
+    open_private(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND).close()
+    return paths
+
+
+def open_private(path: Path, flags: int) -> Any:
+    """Open `path` with mode 0600 whatever the umask, and return a binary file object."""
+    fd = os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    mode = "ab" if flags & os.O_APPEND else "wb"
+    return os.fdopen(fd, mode, buffering=0)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` atomically with `data`, mode 0600."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
+def write_pid(paths: InstancePaths, pid: int) -> None:
+    write_private(paths.pid_file, f"{pid}\n".encode())
+
+
+def write_meta(paths: InstancePaths, context: str, started: float, version: str,
+               in_process: bool = False) -> None:
+    """Write meta.json; `in_process` marks a server inside a bkdbg client (--detach=false)."""
+    meta = {"context": context, "started": started, "version": version, "in_process": in_process}
+    write_private(paths.meta_file, json.dumps(meta).encode())
+
+
+def read_record(paths: InstancePaths) -> InstanceRecord:
+    """Read an instance directory's pid and meta files; missing or bad files read as empty."""
+    return InstanceRecord(
+        paths=paths,
+        pid=_read_pid(paths.pid_file),
+        meta=_read_meta(paths.meta_file),
+        created=_mtime(paths.directory),
+    )
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def list_instances(root: Path) -> list[InstanceRecord]:
+    """Return the instance directories under `root`, oldest first, without probing them."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    records = [
+        read_record(InstancePaths(root, entry.name))
+        for entry in entries
+        if is_instance_id(entry.name) and entry.is_dir() and not entry.is_symlink()
+    ]
+    return sorted(records, key=lambda record: (record.meta.get("started", record.created)))
+
+
+def find_instance(root: Path, instance_id: str) -> InstancePaths | None:
+    """Return the paths of instance `instance_id` under `root`, or None if it has no directory."""
+    if not is_instance_id(instance_id):
+        return None
+    paths = InstancePaths(root, instance_id)
+    return paths if paths.directory.is_dir() else None
+
+
+def pid_alive(pid: int | None, instance_id: str | None = None) -> bool:
+    """Return whether `pid` is a live process (a zombie counts as dead).
+
+    With `instance_id`, a process whose command line (read from /proc where there is one)
+    does not name that id counts as dead too, since the pid may have been reused.
+    """
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if _proc_state(pid) in ("Z", "X"):
+        return False
+    return instance_id is None or _cmdline_names(pid, instance_id)
+
+
+def server_alive(record: InstanceRecord) -> bool:
+    """Return whether the server process of an instance directory still runs."""
+    # an in-process server runs inside a bkdbg client, whose command line lacks the id
+    return pid_alive(record.pid, server_pid_marker(record))
+
+
+def server_pid_marker(record: InstanceRecord) -> str | None:
+    """Return what the server's command line must contain, for `pid_alive`."""
+    return None if record.meta.get("in_process") else record.instance_id
+
+
+def wait_pid_gone(pid: int | None, instance_id: str | None, timeout: float) -> bool:
+    """Wait until `pid` is gone (see `pid_alive`); returns False after `timeout` s."""
+    if not pid_alive(pid, instance_id):
+        return True
+    assert pid is not None
+    deadline = time.monotonic() + timeout
+    pidfd = _pidfd(pid)
+    try:
+        while pid_alive(pid, instance_id):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if pidfd is not None:
+                # readable once the process exits (Linux 5.3+); zombies also count as gone
+                select.select([pidfd], [], [], remaining)
+            else:
+                time.sleep(min(0.05, remaining))
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    except OSError:
+        return None
+
+
+def _cmdline_names(pid: int, instance_id: str) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+    return instance_id.encode() in args
+
+
+def _proc_state(pid: int) -> str:
+    # /proc/PID/stat is "pid (comm) state ..."; comm may contain spaces and parentheses
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return text.rpartition(")")[2].split()[0] if ")" in text else ""
+
+
+def remove_instance(paths: InstancePaths) -> None:
+    """Remove an instance directory and everything in it; a missing directory is fine."""
+    shutil.rmtree(paths.directory, ignore_errors=True)
+    logger.info("removed instance directory %s", paths.directory)
+
+
+def remove_runtime_files(paths: InstancePaths) -> None:
+    """Remove the sockets, pid and meta files of a stopping server, keeping its log."""
+    for path in (paths.socket, paths.rpc_socket, paths.pid_file, paths.meta_file):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", path, exc)

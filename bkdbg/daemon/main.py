@@ -1,0 +1,200 @@
+"""Entry points of the server: the hidden `bkdbg __server` command and the in-process mode.
+
+`bkdbg build` starts `python -m bkdbg __server --root ROOT --id ID --ready-fd N` in a new
+session with cwd `/`, stdin closed and output to the instance log (see `launcher.py`);
+the server writes one line to fd N once it accepts connections, so the client never
+polls for the socket. `--detach=false` runs the same `Server` in the client's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import select
+import signal
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, TextIO
+
+from bkdbg.daemon.backend import Backend
+from bkdbg.daemon.instances import (
+    InstancePaths,
+    create_instance,
+    ensure_root,
+    is_instance_id,
+    remove_instance,
+    resolve_root,
+)
+from bkdbg.daemon.server import Server
+from bkdbg.errors import BkdbgError, ServerError
+
+if TYPE_CHECKING:
+    from bkdbg.daemon.client import DaemonClient
+
+logger = logging.getLogger(__name__)
+
+READY_LINE = b"ready\n"
+LOG_FORMAT = "%(asctime)s {id} pid=%(process)d [%(threadName)s] %(levelname)s %(name)s: %(message)s"
+
+
+def default_backend() -> Backend:
+    """Return the backend that talks to BuildKit through `bkdbg.gateway`."""
+    from bkdbg.daemon.gateway_backend import GatewayBackend
+
+    return GatewayBackend()
+
+
+def serve_main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
+    """Run a server until it is told to stop; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    if not is_instance_id(args.id):
+        _parser().error(f"invalid --id value: {args.id!r}: expected 8 lowercase hex digits")
+    paths = _instance_paths(args.root, args.id)
+    log_file = configure_logging(paths, args.debug)
+    os.chdir("/")
+    server = Server(paths, backend or default_backend(), args.idle_timeout, keep_log=args.debug)
+    _install_signal_handlers(server)
+    try:
+        server.start()
+    except (BkdbgError, OSError):
+        logger.exception("server %s could not start", args.id)
+        return 1
+    _notify_ready(args.ready_fd)
+    _wait_stopped(server)
+    logger.info("exiting: %s", server.stop_reason)
+    log_file.flush()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bkdbg __server",
+        description="Run a detached bkdbg server (started by bkdbg build; not for direct use).",
+    )
+    parser.add_argument("--root", required=True, help="bkdbg root directory")
+    parser.add_argument("--id", required=True, help="instance id: 8 lowercase hex digits")
+    parser.add_argument("--debug", action="store_true",
+                        help="log at DEBUG level and keep the log after a clean exit")
+    parser.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop after this many seconds with no client and no running "
+                             "process (default: never)")
+    parser.add_argument("--ready-fd", type=int, default=None, metavar="FD",
+                        help="write one line to this file descriptor once serving")
+    return parser
+
+
+def _instance_paths(root: str, instance_id: str) -> InstancePaths:
+    root_path = ensure_root(resolve_root(root))
+    paths = InstancePaths(root_path, instance_id)
+    if not paths.directory.is_dir():
+        # started by hand rather than by a client, which creates the directory first
+        create_instance(root_path, instance_id)
+    return paths
+
+
+def configure_logging(paths: InstancePaths, debug: bool) -> TextIO:
+    """Send every log record, warnings, thread crashes and fatal signals to the log file."""
+    handler = logging.FileHandler(paths.log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(id=paths.instance_id)))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_crash
+    stream = handler.stream
+    assert stream is not None  # FileHandler opens its file at once unless delay=True
+    faulthandler.enable(file=stream)
+    return stream
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    name = args.thread.name if args.thread is not None else "unknown"
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    logger.error("thread %s crashed", name, exc_info=exc_info)
+
+
+def _install_signal_handlers(server: Server) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.request_stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # the server has no controlling terminal; a stray SIGHUP must not end it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _wait_stopped(server: Server) -> None:
+    """Block the main thread until the server stopped, handling signals meanwhile.
+
+    The kernel may deliver SIGTERM to any thread (gRPC has many); Python then runs the
+    handler only once the main thread wakes. A plain Event.wait() might never wake, so the
+    main thread waits in select() on the signal wakeup fd, which the C-level handler
+    writes to from whatever thread took the signal, and on the stop notification.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def notify_stopped() -> None:
+        server.wait_stopped()
+        os.write(write_fd, b"\0")
+
+    threading.Thread(target=notify_stopped, name="stop-notifier", daemon=True).start()
+    try:
+        while not server.stopped:
+            select.select([read_fd], [], [])
+            _drain(read_fd)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _notify_ready(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, READY_LINE)
+        os.close(fd)
+    except OSError as exc:
+        # the client gave up waiting; the server still runs and `bkdbg list` shows it
+        logger.warning("cannot tell the launching client that the server is ready: %s", exc)
+
+
+def run_in_process(root: str | os.PathLike[str] | None = None,
+                   backend: Backend | None = None,
+                   idle_timeout: float | None = None) -> DaemonClient:
+    """Start a server in this process and return a client connected to it (--detach=false).
+
+    The server stops when the client says Goodbye with end_session, calls shutdown(), or
+    is closed; it never outlives this process.
+    """
+    from bkdbg.daemon.client import DaemonClient
+
+    root_path = ensure_root(resolve_root(root))
+    paths = create_instance(root_path)
+    server = Server(paths, backend or default_backend(), idle_timeout, in_process=True)
+    try:
+        server.start()
+    except BkdbgError:
+        remove_instance(paths)
+        raise
+    except OSError as exc:
+        remove_instance(paths)
+        raise ServerError(
+            f"cannot start the bkdbg server: {paths.directory}: {exc.strerror or exc}"
+        ) from exc
+    client = DaemonClient.connect(root_path, paths.instance_id)
+    client.own_server(server)
+    return client

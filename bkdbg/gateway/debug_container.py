@@ -1,0 +1,445 @@
+"""A debugging container that survives failing processes.
+
+BuildKit ends a gateway container as soon as any of its processes exits non-zero: it
+kills the first process (the container's init) and every later exec fails at once
+(seen on v0.13 in Docker Engine 26.1.5 and on v0.32.2). The container also ends when its
+init exits, whatever the status. So a `DebugContainer` starts a keeper as init, a shell
+that blocks in `read` on a stdin that is never written, and runs every user process as an
+exec wrapped in `/bin/sh -c WRAPPER`. The wrapper always exits 0 and reports the real
+status out of band, as an APC escape sequence (ESC _ ... ESC \\) carrying a per-process
+nonce at the end of the output: on fd 1 under a tty (where fd 2 is merged into it), on
+fd 2 otherwise. `DebugProcess` strips these markers from the output stream.
+
+Images without /bin/sh get buildx's behaviour instead: the first user process is the init
+and later ones are plain execs, so a failing exec ends the container.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bkdbg.errors import ContainerError
+from bkdbg.gateway.container import (
+    SIGNALS,
+    START_TIMEOUT,
+    Container,
+    Process,
+    ProcessConfig,
+    Sink,
+    signal_name,
+)
+from bkdbg.gateway.invoke import DebugBuild, container_spec
+
+logger = logging.getLogger(__name__)
+
+STATES = ("result", "failed", "failed-init")
+HELPER_TIMEOUT = 10.0  # seconds for a helper exec (user check, signal) to finish
+PID_TIMEOUT = 5.0  # seconds to wait for the wrapper to report the child's pid
+
+MARKER_START = b"\x1b_bkdbg-"
+MARKER_END = b"\x1b\\"
+MAX_MARKER = 80  # bytes from MARKER_START to the end of MARKER_END; longer is not a marker
+MARKER_KINDS = ("pid", "exit", "notfound")
+
+# The keeper writes one line so that a keeper that could not start (no /bin/sh) can be
+# distinguished from one that runs, then blocks in `read` until release sends EOF on its stdin.
+# It runs under a tty because BuildKit v0.13 reports the Exit of a process without a tty
+# only after stdin EOF, so a keeper that runc could not start would go unnoticed.
+KEEPER = "echo ready; read -r _"
+
+# $1 nonce, $2 marker fd, $3 working directory, then the user's command. The wrapper runs
+# the command in the foreground through `sh -c 'report pid; exec "$@"'`, because a
+# background child would start with SIGINT and SIGQUIT ignored (POSIX for async lists, and
+# busybox ash does so). Since sh runs traps only after a foreground child ends, signals go
+# to the reported pid from a separate exec. The traps only keep the wrapper alive when the
+# terminal signals its whole process group.
+WRAPPER = r"""n=$1 fd=$2 cwd=${3:-/}
+shift 3
+fmt='\033_bkdbg-%s;%s;%s\033\\'
+inner='printf "$1" pid "$2" "$$" >&"$3"; shift 3; exec "$@"'
+trap : HUP INT QUIT TERM TSTP TTIN TTOU WINCH USR1 USR2 PIPE ALRM
+found() {
+  case $1 in */*) [ -f "$1" ] && [ -x "$1" ]; return ;; esac
+  (
+    IFS=:
+    set -f
+    for dir in $PATH; do
+      [ -f "${dir:-.}/$1" ] && [ -x "${dir:-.}/$1" ] && exit 0
+    done
+    exit 1
+  )
+}
+if ! cd -- "$cwd" 2>/dev/null; then
+  printf 'bkdbg: cannot change to working directory %s\n' "$cwd" >&2
+  printf "$fmt" exit "$n" 1 >&"$fd"
+elif found "$1"; then
+  /bin/sh -c "$inner" sh "$fmt" "$n" "$fd" "$@"
+  printf "$fmt" exit "$n" "$?" >&"$fd"
+else
+  printf "$fmt" notfound "$n" 127 >&"$fd"
+fi
+exit 0
+"""
+
+# $1 signal number, $2 pid; `kill` fails when the process just ended, which is fine
+SIGNAL_HELPER = 'kill -"$1" "$2" 2>/dev/null; exit 0'
+
+# $1 USER[:GROUP]; prints ok, user or group. BuildKit fails an exec whose named user or
+# group is missing from /etc/passwd or /etc/group, and that failure would end the
+# container. So this helper, which always exits 0, checks named ones first.
+USER_CHECK = r"""has() {
+  case $2 in ''|*[!0-9]*) ;; *) return 0 ;; esac
+  while IFS=: read -r name _; do [ "$name" = "$2" ] && return 0; done < "$1"
+  return 1
+}
+user=${1%%:*}
+group=
+case $1 in *:*) group=${1#*:} ;; esac
+if ! has /etc/passwd "$user" 2>/dev/null; then echo user
+elif [ -n "$group" ] && ! has /etc/group "$group" 2>/dev/null; then echo group
+else echo ok
+fi
+"""
+
+
+# ---------------------------------------------------------------- markers
+
+
+class MarkerStripper:
+    """Remove this process's markers from an output stream and report them.
+
+    Holds back at most MAX_MARKER bytes at the end of a chunk, and only while they may
+    be the start of a marker. A marker with another nonce is ordinary output.
+    """
+
+    def __init__(self, nonce: str, on_marker: Callable[[str, int], None]) -> None:
+        self._nonce = nonce.encode()
+        self._on_marker = on_marker
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the part of `data` (after any held-back bytes) that is plain output."""
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        pieces: list[bytes] = []
+        pos = 0
+        while True:
+            start = data.find(MARKER_START, pos)
+            if start < 0:
+                keep = _partial_start(data, pos)
+                pieces.append(data[pos:keep])
+                self._pending = data[keep:]
+                break
+            end = data.find(MARKER_END, start + len(MARKER_START), start + MAX_MARKER)
+            if end < 0 and len(data) - start < MAX_MARKER:
+                pieces.append(data[pos:start])  # the marker may complete in the next chunk
+                self._pending = data[start:]
+                break
+            if end >= 0 and self._accept(data[start + len(MARKER_START) : end]):
+                pieces.append(data[pos:start])
+                pos = end + len(MARKER_END)
+            else:
+                pieces.append(data[pos : start + 1])
+                pos = start + 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def flush(self) -> bytes:
+        """Return the held-back bytes, at the end of the stream."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _accept(self, body: bytes) -> bool:
+        parts = body.split(b";")
+        if len(parts) != 3 or parts[1] != self._nonce or not parts[2].isdigit():
+            return False
+        kind = parts[0].decode("ascii", "replace")
+        if kind not in MARKER_KINDS:
+            return False
+        self._on_marker(kind, int(parts[2]))
+        return True
+
+
+def _partial_start(data: bytes, pos: int) -> int:
+    """Return where a proper prefix of MARKER_START ends `data`, or len(data)."""
+    for size in range(min(len(MARKER_START) - 1, len(data) - pos), 0, -1):
+        if data.endswith(MARKER_START[:size]):
+            return len(data) - size
+    return len(data)
+
+
+# ---------------------------------------------------------------- processes
+
+
+class DebugProcess:
+    """A user process in a DebugContainer, with the Process interface.
+
+    `wait()` returns the status of the user's command, not of its wrapper, and
+    `command_not_found` is set when the command does not exist in the container (the
+    status is then 127). Without a keeper (`nonce` None), it passes everything through.
+    """
+
+    def __init__(
+        self, container: DebugContainer, config: ProcessConfig, sink: Sink, nonce: str | None
+    ) -> None:
+        self.config = config
+        self.command_not_found = False
+        self._container = container
+        self._sink = sink
+        self._nonce = nonce
+        self._marker_fd = 1 if config.tty else 2
+        self._stripper = MarkerStripper(nonce, self._on_marker) if nonce else None
+        self._status: int | None = None
+        self._child_pid: int | None = None
+        self._pid_known = threading.Event()
+        self._inner: Process | None = None
+
+    def start(self) -> None:
+        config = self._wrapped_config() if self._nonce else self.config
+        self._inner = self._container.container.start(config, self._on_output)
+
+    @property
+    def inner(self) -> Process:
+        if self._inner is None:
+            raise ContainerError("process not started: call start() first")
+        return self._inner
+
+    @property
+    def id(self) -> str:
+        return self.inner.id
+
+    @property
+    def done(self) -> threading.Event:
+        return self.inner.done
+
+    def _wrapped_config(self) -> ProcessConfig:
+        assert self._nonce is not None
+        args = [
+            "/bin/sh",
+            "-c",
+            WRAPPER,
+            "bkdbg",
+            self._nonce,
+            str(self._marker_fd),
+            self.config.cwd or "/",
+            *self.config.args,
+        ]
+        fds = tuple(sorted(set(self.config.fds) | {self._marker_fd}))
+        return ProcessConfig(
+            args=args,
+            env=self.config.env,
+            cwd="/",
+            user=self.config.user,
+            tty=self.config.tty,
+            rows=self.config.rows,
+            cols=self.config.cols,
+            fds=fds,
+        )
+
+    # ---------------------------------------------------------------- output
+
+    def _on_output(self, fd: int, data: bytes) -> None:
+        if self._stripper is None or fd != self._marker_fd:
+            self._sink(fd, data)
+        elif data:
+            plain = self._stripper.feed(data)
+            if plain:
+                self._sink(fd, plain)
+        else:
+            rest = self._stripper.flush()
+            if rest:
+                self._sink(fd, rest)
+            self._sink(fd, b"")
+
+    def _on_marker(self, kind: str, value: int) -> None:
+        if kind == "pid":
+            self._child_pid = value
+            self._pid_known.set()
+            return
+        self._status = value
+        self.command_not_found = kind == "notfound"
+        self._pid_known.set()
+        # BuildKit v0.13 reports the wrapper's Exit only after stdin EOF when there is no tty
+        self.inner.close_stdin()
+
+    # ---------------------------------------------------------------- input
+
+    def _check_running(self) -> None:
+        if self._status is not None:
+            raise ContainerError(f"process has ended: {self.id}: start a new process")
+
+    def write(self, data: bytes) -> None:
+        """Send `data` to stdin; raise ContainerError once the process has ended."""
+        self._check_running()
+        self.inner.write(data)
+
+    def close_stdin(self) -> None:
+        """Send EOF on stdin (once)."""
+        self.inner.close_stdin()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal size (tty processes only)."""
+        self._check_running()
+        self.inner.resize(rows, cols)
+
+    def signal(self, name: str) -> None:
+        """Send a signal by name to the user's command; raise ValueError for unknown names."""
+        wire = signal_name(name)
+        if self._nonce is None:
+            self.inner.signal(wire)
+            return
+        self._check_running()
+        if not self._pid_known.wait(PID_TIMEOUT) or self._child_pid is None:
+            self._check_running()
+            raise ContainerError(f"process has no pid yet: {self.id}: try again")
+        self._container.signal_pid(self._child_pid, SIGNALS[wire])
+
+    # ---------------------------------------------------------------- wait
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait until all output arrived; return the command's exit status.
+
+        Raises TimeoutError after `timeout` seconds and ContainerError when the process
+        was lost.
+        """
+        wrapper_status = self.inner.wait(timeout)
+        if self._stripper is None or self._status is not None:
+            return wrapper_status if self._status is None else self._status
+        if wrapper_status != 0:
+            return wrapper_status  # the wrapper itself was killed, e.g. 137 by release
+        logger.warning("process %s ended without reporting its status", self.id)
+        return 255
+
+
+# ---------------------------------------------------------------- container
+
+
+class DebugContainer:
+    """A container for debugging a build: on its result or in its failed step's state.
+
+    `state` is `result` (the result ref mounted at `/`: `ref_id`, by default the one of
+    `build.result`), `failed` (every mount of the failed exec op after the failure) or
+    `failed-init` (the same mounts before it ran). `image_config` gives the platform of a
+    result. Raises ContainerError when the container cannot be created.
+    """
+
+    def __init__(
+        self,
+        build: DebugBuild,
+        state: str,
+        image_config: Mapping[str, Any] | None = None,
+        *,
+        ref_id: str | None = None,
+    ) -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown container state: {state!r}: use {', '.join(STATES)}")
+        self.state = state
+        self._build = build
+        self._spec = container_spec(build, state, image_config, ref_id)
+        self.container = Container.create(build, **self._spec)
+        self.wrapped = True
+        self._init: Process | None = None  # the keeper, or the first user process without one
+        try:
+            self._start_keeper()
+        except ContainerError as exc:
+            self._fall_back(exc)
+        except BaseException:
+            self.container.release()
+            raise
+
+    def __enter__(self) -> DebugContainer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _start_keeper(self) -> None:
+        answered = threading.Event()
+        output: list[bytes] = []
+
+        def on_output(fd: int, data: bytes) -> None:
+            output.append(data)
+            answered.set()
+
+        keeper = self.container.start(
+            ProcessConfig(args=["/bin/sh", "-c", KEEPER], env=[], tty=True, fds=(0, 1)), on_output
+        )
+        self._init = keeper
+        if not answered.wait(START_TIMEOUT):
+            raise ContainerError(f"keeper did not report ready within {START_TIMEOUT:g} s")
+        if not output[0] or keeper.exited.is_set():
+            # an init that runc could not start closes its output without writing
+            raise ContainerError(f"keeper did not start: {keeper.exit_error or 'no output'}")
+
+    def _fall_back(self, reason: ContainerError) -> None:
+        logger.warning(
+            "cannot keep container %s alive with /bin/sh (%s); running processes without a "
+            "keeper, so a process that fails ends the container, as in buildx",
+            self.container.id,
+            reason,
+        )
+        self.container.release()
+        self.container = Container.create(self._build, **self._spec)
+        self.wrapped = False
+        self._init = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the container can still run processes (its init has not exited)."""
+        return not self.container.released and not (self._init and self._init.exited.is_set())
+
+    def run(self, config: ProcessConfig, sink: Sink) -> DebugProcess:
+        """Start a user process; raise ContainerError if it cannot start.
+
+        Also raises ContainerError when the container has ended, and naming the user when
+        a named user or group does not exist.
+        """
+        if not self.alive:
+            raise ContainerError(
+                f"container has ended: {self.container.id}: its first process exited; "
+                "roll back or rebuild to get a new one"
+            )
+        if self.wrapped and config.user and not _numeric_user(config.user):
+            self._check_user(config.user)
+        process = DebugProcess(self, config, sink, secrets.token_hex(8) if self.wrapped else None)
+        process.start()
+        if self._init is None:
+            self._init = process.inner
+        return process
+
+    def _check_user(self, user: str) -> None:
+        output = self._run_helper(USER_CHECK, [user], fds=(1,))
+        answer = output.strip().decode("utf-8", "replace")
+        if answer == "user":
+            raise ContainerError(f"user not found in the container: {user}: check --user")
+        if answer == "group":
+            raise ContainerError(f"group not found in the container: {user}: check --user")
+        if answer != "ok":
+            raise ContainerError(f"could not check user {user}: unexpected output {answer!r}")
+
+    def signal_pid(self, pid: int, number: int) -> None:
+        """Send signal `number` to process `pid` in the container, from a helper exec."""
+        self._run_helper(SIGNAL_HELPER, [str(number), str(pid)], fds=())
+
+    def _run_helper(self, script: str, args: list[str], fds: tuple[int, ...]) -> bytes:
+        """Run a root `sh -c script` that always exits 0; return its output."""
+        chunks: list[bytes] = []
+
+        def collect(fd: int, data: bytes) -> None:
+            chunks.append(data)
+
+        config = ProcessConfig(args=["/bin/sh", "-c", script, "bkdbg", *args], env=[], fds=fds)
+        helper = self.container.start(config, collect)
+        helper.wait(HELPER_TIMEOUT)
+        return b"".join(chunks)
+
+    def release(self) -> None:
+        """Release the container and everything running in it; later calls do nothing."""
+        self.container.release()
+
+
+def _numeric_user(user: str) -> bool:
+    return all(part.isdigit() for part in user.split(":"))

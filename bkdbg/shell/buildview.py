@@ -1,0 +1,92 @@
+"""Show a build that the server runs: progress, then the failed step or the notes.
+
+The server streams `BuildEvent`s: progress batches as JSON, then one `BuildDone`. The
+client draws the progress with a `bkdbg.progress` renderer on stderr, as buildx does.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Iterable
+from typing import TextIO
+
+from bkdbg.daemon.messages import BuildDone, BuildEvent, BuildProgress
+from bkdbg.errors import FailedStep
+from bkdbg.progress import Renderer, events_from_json
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 10  # log lines of the failed step repeated under its block
+RULE = "-" * 20
+
+
+def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
+    """Render the progress of a build stream and return how it ended.
+
+    A stream that ends without BuildDone counts as a failed build.
+    """
+    result = BuildDone(ok=False, error="the server ended the build stream before the build ended")
+    try:
+        for event in events:
+            if isinstance(event, BuildProgress):
+                renderer.update(events_from_json(event.events_json))
+            else:
+                result = event
+    finally:
+        renderer.close(result.ok)
+    return result
+
+
+def _source_lines(step: FailedStep) -> list[str]:
+    # the gateway sends the excerpt already numbered and marked, as BuildKit prints it
+    if step.source_lines:
+        return list(step.source_lines)
+    if step.instruction and step.line is not None:
+        return [f" {step.line:3d} | >>> {step.instruction}"]
+    return []
+
+
+def failed_step_block(step: FailedStep) -> list[str]:
+    """Return the lines that describe a failed step, in the layout of buildx's error output."""
+    lines: list[str] = []
+    if step.vertex_name:
+        lines += ["------", f" > {step.vertex_name}:"]
+        lines += [f" {log}" for log in step.logs[-LOG_TAIL_LINES:]]
+        lines.append("------")
+    if step.filename and step.line is not None:
+        lines += [f"{step.filename}:{step.line}", RULE, *_source_lines(step), RULE]
+    elif step.instruction:
+        lines.append(f"instruction: {step.instruction}")
+    if step.command:
+        lines.append(f"command: {shlex.join(step.command)}")
+    if step.exit_code is not None:
+        lines.append(f"exit code: {step.exit_code}")
+    return lines
+
+
+def debug_hint(step: FailedStep) -> list[str]:
+    """Return how to rerun the failed command and reach the state before it."""
+    if not step.is_exec:
+        return [
+            "The failed step is not a RUN: the shell runs on the state BuildKit gave for it; "
+            "type reload after fixing the Dockerfile."
+        ]
+    hint = ["The shell runs in the state the failed command left."]
+    if step.command:
+        hint.append(f"Run the command again: {shlex.join(step.command)}")
+    hint.append("rollback --init restarts the shell on the state before the command ran.")
+    return hint
+
+
+def print_result(result: BuildDone, out: TextIO) -> None:
+    """Print the failed step block (if any) and the server's notes."""
+    if not result.ok and result.failed_step is not None:
+        for line in failed_step_block(result.failed_step):
+            print(line, file=out)
+        if result.process_id:
+            for line in debug_hint(result.failed_step):
+                print(line, file=out)
+    for note in result.notes:
+        print(note, file=out)
+    out.flush()

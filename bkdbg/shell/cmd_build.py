@@ -1,0 +1,96 @@
+"""Monitor commands that make builds and restart the interactive process: build, reload,
+rollback.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import cmd2
+from cmd2 import with_argparser
+
+from bkdbg.daemon.messages import BuildDone
+from bkdbg.shell import session
+from bkdbg.shell.buildflags import add_build_arguments, build_options
+from bkdbg.shell.monitor import CATEGORY, Monitor, MonitorParser
+
+
+class BuildCommands(cmd2.CommandSet[Monitor]):
+    """build, reload and rollback."""
+
+    DEFAULT_CATEGORY = CATEGORY
+
+    def _after_build(self, command: str, result: BuildDone) -> bool:
+        """Attach to the process a build started, or report the build's failure.
+
+        A failed build that started a process in the failed step's state is a success of
+        the command: debugging that state is what `--on error` asked for.
+        """
+        app = self._cmd
+        if result.process_id:
+            return self._enter(result.process_id)
+        if not result.ok or result.error:
+            app.fail(command, result.error or "the build failed")
+        return False
+
+    def _enter(self, process_id: str) -> bool:
+        app = self._cmd
+        if not app.interactive:
+            app.poutput(f"started process {process_id}")
+            return False
+        status = session.enter(app.ws, process_id)
+        return False if status is None else app.stop_with(status)
+
+    # -- build
+
+    @staticmethod
+    def _build_parser() -> MonitorParser:
+        parser = MonitorParser(
+            description="Build CONTEXT in a new server and make that server current."
+        )
+        add_build_arguments(parser, {"completer": cmd2.Cmd.path_complete})
+        return parser
+
+    @with_argparser(_build_parser)
+    def do_build(self, args: argparse.Namespace) -> bool:
+        """Build a context in a new server (the flags of bkdbg build) and make it current."""
+        app = self._cmd
+        options = build_options(args, tty=True)
+        options.addr = app.ws.addr
+        options.tls = app.ws.tls
+        return self._after_build("build", app.ws.build(options))
+
+    # -- reload
+
+    @staticmethod
+    def _reload_parser() -> MonitorParser:
+        return MonitorParser(
+            description="Read the context again, rebuild with the same options and restart "
+            "the interactive process on the new result."
+        )
+
+    @with_argparser(_reload_parser)
+    def do_reload(self, _args: argparse.Namespace) -> bool:
+        """Rebuild with the same options and restart the interactive process on the result."""
+        return self._after_build("reload", self._cmd.ws.reload())
+
+    # -- rollback
+
+    @staticmethod
+    def _rollback_parser() -> MonitorParser:
+        parser = MonitorParser(
+            description="Restart the interactive process on the unchanged build result, "
+            "dropping the changes made in the container."
+        )
+        parser.add_argument(
+            "--init",
+            action="store_true",
+            help="after a failed step: start from the state before the failed command ran",
+        )
+        return parser
+
+    @with_argparser(_rollback_parser)
+    def do_rollback(self, args: argparse.Namespace) -> bool:
+        """Restart the interactive process on the build result, dropping container changes."""
+        process_id = self._cmd.ws.rollback(args.init)
+        return self._enter(process_id)

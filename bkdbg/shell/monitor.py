@@ -1,0 +1,254 @@
+"""The monitor: the `(bkdbg) ` prompt, a cmd2 application.
+
+The commands live in command sets, one module per group (`cmd_build`, `cmd_process`,
+`cmd_server`); this module holds the application: errors, exit and detach, history,
+server events shown above the prompt, and the completion cache.
+
+A command that fails prints `<command>: <message>` and returns to the prompt. In a
+script (`run-script`) the same line starts with `FILE:LINE: `, and `failed` tells the
+script runner to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import threading
+from pathlib import Path
+from typing import Any, NoReturn
+
+import cmd2
+import platformdirs
+from cmd2 import Cmd2ArgumentParser, Statement, with_argparser
+from cmd2.plugin import PostcommandData, PrecommandData
+
+from bkdbg.errors import BkdbgError
+from bkdbg.shell.background import EventWatcher, IdCache
+from bkdbg.shell.session import detach_hint
+from bkdbg.shell.workspace import Current, Workspace
+
+logger = logging.getLogger(__name__)
+
+PROMPT = "(bkdbg) "
+CATEGORY = "Debugging"
+# cmd2 commands that do not belong in a debugger prompt: they run programs or scripts on
+# this machine, which `exec` in the container and `bkdbg run-script` do instead
+HIDDEN_BUILTINS = ("shell", "edit", "run_pyscript", "run_script", "quit")
+UNKNOWN_COMMAND = "unknown command: type help to list the commands"
+
+_parse_errors = threading.local()
+
+
+class MonitorParser(Cmd2ArgumentParser):
+    """An argument parser that keeps its last error message for the `<command>: ` line."""
+
+    def error(self, message: str) -> NoReturn:
+        _parse_errors.last = message
+        super().error(message)
+
+
+def history_file() -> Path:
+    """Return the monitor's history file, in platformdirs' user state dir."""
+    return Path(platformdirs.user_state_dir("bkdbg")) / "history"
+
+
+class Monitor(cmd2.Cmd):
+    """The `(bkdbg) ` prompt over a Workspace.
+
+    `batch` (run-script) turns off the history file and the server events, and makes
+    commands that would take the terminal print their output instead.
+    """
+
+    DEFAULT_PROMPT = PROMPT
+
+    def __init__(
+        self,
+        ws: Workspace,
+        *,
+        batch: bool = False,
+        history: Path | None = None,
+        **cmd2_args: Any,
+    ) -> None:
+        from bkdbg.shell.cmd_build import BuildCommands
+        from bkdbg.shell.cmd_process import ProcessCommands
+        from bkdbg.shell.cmd_server import ServerCommands
+
+        # run-script keeps no history, so that scripts do not fill the user's
+        history_path = "" if batch else str(history or history_file())
+        super().__init__(
+            allow_cli_args=False,
+            persistent_history_file=history_path,
+            command_sets=[BuildCommands(), ProcessCommands(), ServerCommands()],
+            suggest_similar_command=True,
+            **cmd2_args,
+        )
+        self.ws = ws
+        self.batch = batch
+        self.failed = False
+        self.error_prefix = ""
+        self.hidden_commands.extend(HIDDEN_BUILTINS)
+        self.cache = IdCache(self._server_ids, self._process_ids)
+        self._watcher: EventWatcher | None = None
+        self._idle = threading.Event()
+        self._lost = ""
+        self.register_precmd_hook(self._before_command)
+        self.register_postcmd_hook(self._after_command)
+        ws.switch_listeners.append(self._on_switch)
+
+    # -- running
+
+    @property
+    def interactive(self) -> bool:
+        """True when commands may take the terminal: at a prompt on a terminal, not in a script."""
+        return not self.batch and self.ws.local.interactive
+
+    def run(self) -> int:
+        """Run the prompt until exit or detach; return the exit status."""
+        self.cache.start()
+        self._on_switch(self.ws.current)
+        return self.cmdloop()
+
+    def close(self) -> None:
+        """Stop the background threads and save the history."""
+        self.cache.stop()
+        self._stop_watching()
+        self.ws.switch_listeners.remove(self._on_switch)
+        # cmd2 saves it only at interpreter exit (atexit); saving now keeps it when this
+        # process is later killed, e.g. while attached to a container again
+        self._persist_history()
+
+    def pre_prompt(self) -> None:
+        self._idle.set()
+
+    def _before_command(self, data: PrecommandData) -> PrecommandData:
+        self._idle.clear()
+        self.failed = False
+        return data
+
+    def _after_command(self, data: PostcommandData) -> PostcommandData:
+        self.cache.refresh_soon()
+        if self._lost and not data.stop:
+            data.stop = self._stop_lost()
+        return data
+
+    # -- errors
+
+    def fail(self, command: str, message: str) -> None:
+        """Report a failed command as `<command>: <message>` and mark it failed."""
+        self.failed = True
+        self.perror(f"{self.error_prefix}{command}: {message}")
+
+    def onecmd(self, statement: Statement | str, *, add_to_history: bool = True) -> bool:
+        """Run one command; a BkdbgError becomes a `<command>: <message>` line."""
+        _parse_errors.last = None
+        command = statement.command if isinstance(statement, Statement) else str(statement)
+        try:
+            return super().onecmd(statement, add_to_history=add_to_history)
+        except cmd2.Cmd2ArgparseError:
+            if _parse_errors.last is not None:
+                self.fail(command, _parse_errors.last)
+            raise
+        except BkdbgError as exc:
+            logger.info("%s failed: %s", command, exc, exc_info=self.ws.debug)
+            self.fail(command, str(exc))
+            return False
+
+    def default(self, statement: Statement) -> bool | None:
+        """Report an unknown command and point to help."""
+        self.fail(statement.command, UNKNOWN_COMMAND)
+        return None
+
+    # -- leaving
+
+    def stop_with(self, status: int) -> bool:
+        """End the prompt with exit status `status` (return this from a command)."""
+        self.exit_code = status
+        return True
+
+    @with_argparser(lambda: MonitorParser(description="End the debugging session."))
+    @cmd2.with_category(CATEGORY)
+    def do_exit(self, _args: argparse.Namespace) -> bool:
+        """End the session: stop the server, exit with the interactive process's status."""
+        current = self.ws.current
+        status = current.last_exit if current else 0
+        self.ws.leave(end_session=True)
+        return self.stop_with(status)
+
+    @with_argparser(lambda: MonitorParser(description="End the debugging session (as exit)."))
+    def do_quit(self, args: argparse.Namespace) -> bool:
+        """End the debugging session, as exit does."""
+        return bool(self.do_exit(""))
+
+    @with_argparser(lambda: MonitorParser(description="Leave; the server keeps running."))
+    @cmd2.with_category(CATEGORY)
+    def do_detach(self, _args: argparse.Namespace) -> bool:
+        """Leave with the server running; print the command that comes back to it."""
+        current = self.ws.current
+        if current is not None:
+            self.ws.leave(end_session=False)
+            self.poutput(detach_hint(current.instance_id))
+        return self.stop_with(0)
+
+    @with_argparser(lambda: MonitorParser(description="End of input (Ctrl-D): detach."))
+    def do__eof(self, _args: argparse.Namespace) -> bool:
+        """Detach at end of input (Ctrl-D), so that no work is lost by accident."""
+        self.poutput("")
+        if self._lost:
+            return self._stop_lost()
+        return bool(self.do_detach(""))
+
+    # -- server events
+
+    def _on_switch(self, current: Current | None) -> None:
+        """Watch the events of the new current server instead of the old one's."""
+        self._stop_watching()
+        if self.batch or current is None:
+            return
+        self._lost = ""
+        self._watcher = EventWatcher(
+            current.client.events(),
+            self._show_event,
+            functools.partial(self._on_lost, current.instance_id),
+        )
+        self._watcher.start()
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def _show_event(self, event: Any) -> None:
+        # decide once this client is back at the prompt, when the events it caused
+        # itself are all in `expected`
+        self._idle.wait()
+        if self.ws.expected.take(event.kind, event.process_id):
+            return
+        self.add_alert(msg=event.message or f"server event: {event.kind}")
+
+    def _on_lost(self, instance_id: str, reason: str) -> None:
+        self._lost = f"lost the connection to server {instance_id}: {reason}"
+        app = self.main_session.app
+        if app.is_running and app.loop is not None:
+            # leave the prompt as if Ctrl-D was typed; do__eof then reports it
+            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
+
+    def _stop_lost(self) -> bool:
+        self.perror(self._lost)
+        current = self.ws.current
+        if current is not None:
+            self.ws.forget(current.instance_id)
+        return self.stop_with(1)
+
+    # -- completion cache
+
+    def _server_ids(self) -> list[str]:
+        from bkdbg.shell.servers import server_ids
+
+        return server_ids(self.ws)
+
+    def _process_ids(self) -> list[str]:
+        current = self.ws.current
+        if current is None:
+            return []
+        return [process.id for process in current.client.list_processes()]

@@ -1,0 +1,126 @@
+"""The client's flows: after a build, attach to the process, report how that ended, and
+open the monitor; or, on pipes, run the process to its end and return its status.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from bkdbg.errors import BkdbgError
+from bkdbg.shell.attach import AttachEnd, AttachOutcome
+from bkdbg.shell.workspace import Workspace
+
+NEXT_STEPS = "type reload, rollback, exec or exit"
+TAKEN_OVER_LINE = "another client took over this session; you are at the monitor prompt"
+
+
+def detach_hint(instance_id: str) -> str:
+    """Return the line that tells how to come back to a detached server."""
+    return f"detached from server {instance_id}; it keeps running: bkdbg attach {instance_id}"
+
+
+def exit_line(outcome: AttachOutcome) -> str:
+    """Return the note printed when the interactive process ends."""
+    command = f" ({shlex.join(outcome.args)})" if outcome.args else ""
+    return f"Process {outcome.process_id}{command} exited with status {outcome.code}; {NEXT_STEPS}"
+
+
+def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
+    """Print what ended an attachment; return an exit status when bkdbg should end.
+
+    None means: go on at the monitor prompt.
+    """
+    current = ws.current
+    instance_id = current.instance_id if current else "?"
+    if outcome.end is AttachEnd.EXITED:
+        ws.say(exit_line(outcome))
+        return None
+    if ws.local.interactive:
+        # the cursor is still where the process left it, often after its prompt
+        ws.say("")
+    if outcome.end is AttachEnd.TAKEN_OVER:
+        ws.say(TAKEN_OVER_LINE)
+        return None
+    if outcome.end is AttachEnd.MONITOR:
+        return None
+    if outcome.end is AttachEnd.DETACH:
+        ws.leave(end_session=False)
+        ws.say(detach_hint(instance_id))
+        return 0
+    if outcome.end is AttachEnd.CLOSED:
+        ws.forget(instance_id)
+        ws.say(f"server {instance_id} closed this client's connection: {outcome.message}")
+        return 0
+    ws.forget(instance_id)
+    ws.say(f"bkdbg: error: {outcome.message}")
+    return 1
+
+
+def enter(ws: Workspace, process_id: str, *, replay: bool = True) -> int | None:
+    """Attach to a process and follow reloads and rollbacks that replace it.
+
+    Returns an exit status when bkdbg should end, None to go to the monitor prompt.
+    """
+    while True:
+        outcome = ws.attach(process_id, replay=replay)
+        if outcome.end is AttachEnd.EXITED and outcome.replaced_by:
+            # another client's reload or rollback replaced the process: follow it
+            ws.say(f"Process {process_id} was replaced by {outcome.replaced_by}")
+            process_id = outcome.replaced_by
+            ws.require().process_id = process_id
+            continue
+        return report(ws, outcome)
+
+
+def run_piped(ws: Workspace, process_id: str) -> int:
+    """Forward stdin until EOF, print the output, and end with the process's status.
+
+    The session ends with the process (the server shuts down unless another client is
+    attached).
+    """
+    outcome = ws.attach(process_id)
+    if outcome.end is AttachEnd.EXITED:
+        ws.leave(end_session=True)
+        return outcome.code
+    status = report(ws, outcome)
+    if ws.current is not None:
+        ws.leave(end_session=False)
+    return 1 if status is None else max(status, 1)
+
+
+def launch_line(process_id: str) -> str:
+    """Return the note printed before the terminal is attached to a process."""
+    return f"Process {process_id}: Ctrl-a c switches to the monitor, Ctrl-a d detaches"
+
+
+def interactive(ws: Workspace, process_id: str = "") -> int:
+    """Attach the terminal to `process_id` (if any), then run the monitor until it ends."""
+    if process_id:
+        ws.say(launch_line(process_id))
+        status = enter(ws, process_id)
+        if status is not None:
+            return status
+    return run_monitor(ws)
+
+
+def run_monitor(ws: Workspace) -> int:
+    """Run the monitor prompt until exit or detach; return bkdbg's exit status."""
+    # cmd2 and prompt_toolkit take a noticeable time to import, so only a client that
+    # reaches the prompt pays for them
+    from bkdbg.shell.monitor import Monitor
+
+    monitor = Monitor(ws)
+    try:
+        return monitor.run()
+    finally:
+        monitor.close()
+
+
+def finish_without_process(ws: Workspace, ok: bool) -> int:
+    """End the session of a build that started no process; return 0 or 1."""
+    try:
+        ws.leave(end_session=True)
+    except BkdbgError:
+        if ok:
+            raise
+    return 0 if ok else 1
