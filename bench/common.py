@@ -147,6 +147,22 @@ def clean_environ() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
 
 
+def warn_if_busy() -> None:
+    """Print a warning when the machine's 1-minute load average exceeds its CPU count.
+
+    Every figure here is a wall time, so other work on the machine inflates both tools'
+    figures and blurs their ratio.
+    """
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    if load > cpus:
+        print(
+            f"bench: warning: load average {load:.1f} exceeds the {cpus} CPUs: "
+            "other work on this machine makes the figures slower and noisier",
+            file=sys.stderr,
+        )
+
+
 def require_engine(engine: Engine) -> str:
     """Return the engine's version, or exit with one line saying how to start it."""
     try:
@@ -237,12 +253,16 @@ def machine_summary(engine_version: str) -> str:
     """Return one line describing this machine and its load, for the benchmark page."""
     memory_kib = _meminfo_kib("MemTotal")
     buildx = _command_output(["docker", "buildx", "version"]).split()
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return (
         f"{os.cpu_count()} CPUs, {memory_kib / 1024 / 1024:.1f} GiB memory, "
         f"Linux {os.uname().release}, Python {sys.version.split()[0]}, {engine_version}, "
-        f"buildx {buildx[1] if len(buildx) > 1 else '?'}; load average {load}"
+        f"buildx {buildx[1] if len(buildx) > 1 else '?'}; load average {load_text()}"
     )
+
+
+def load_text() -> str:
+    """Return the 1, 5 and 15 minute load averages, e.g. `0.52, 0.61, 0.70`."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def _meminfo_kib(key: str) -> int:

@@ -36,6 +36,7 @@ from common import (
     cache_records,
     created_since,
     describe,
+    load_text,
     machine_summary,
     make_parser,
     median,
@@ -45,6 +46,7 @@ from common import (
     selected_tools,
     summarize_cpu,
     summarize_peaks,
+    warn_if_busy,
 )
 
 # a destination no other build on the shared engine uses, so cleanup finds only our records
@@ -312,6 +314,7 @@ def main() -> int:
     engine = Engine(args.docker_host)
     version = require_engine(engine)
     print(f"machine: {machine_summary(version)}")
+    warn_if_busy()
     started = time.time()
     results: dict[str, list[Sample]] = {tool: [] for tool in tools}
     tenth: dict[str, Sample] = {}
@@ -330,6 +333,7 @@ def main() -> int:
                 print(f"bkdbg list at the end: {root.sessions_listed() or '(empty)'}")
             prune_benchmark_cache(engine, started, scratch.sizes)
     report(results, tenth)
+    print(f"load average at the end: {load_text()}")
     return 0 if all(results.values()) else 1
 
 

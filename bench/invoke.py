@@ -40,6 +40,7 @@ from common import (
     Engine,
     cache_records,
     describe,
+    load_text,
     machine_summary,
     make_parser,
     median,
@@ -48,6 +49,7 @@ from common import (
     require_engine,
     run_checked,
     selected_tools,
+    warn_if_busy,
 )
 
 DESCRIPTION = "Time bkdbg build --invoke against docker buildx debug: prompt, echo, throughput."
@@ -489,6 +491,7 @@ def main() -> int:
     args = parser.parse_args()
     engine = Engine(args.docker_host)
     print(f"machine: {machine_summary(require_engine(engine))}")
+    warn_if_busy()
     results = {tool: ToolResults() for tool in selected_tools(args)}
     with tempfile.TemporaryDirectory(prefix="bkdbg-bench-invoke-") as scratch:
         with BkdbgRoot(engine) as root:
@@ -504,6 +507,7 @@ def main() -> int:
         # after the root is closed, so no bkdbg server holds the result any more
         prune_benchmark_cache(engine)
     report(results)
+    print(f"load average at the end: {load_text()}")
     return 1 if any(result.failures for result in results.values()) else 0
 
 

@@ -238,9 +238,7 @@ def make_workspace(args: argparse.Namespace) -> Workspace:
         raise UsageError(
             f"bkdbg root is not a directory: {root}: choose another with --root or BKDBG_ROOT"
         )
-    return Workspace(
-        root=root, debug=args.debug, addr=args.addr, tls=tls_config(args)
-    )
+    return Workspace(root=root, debug=args.debug, addr=args.addr, tls=tls_config(args))
 
 
 # ---------------------------------------------------------------- commands

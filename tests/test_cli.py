@@ -53,12 +53,19 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return status, capsys.readouterr().err.splitlines()
 
 
-def fake_bkdbg(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def fake_bkdbg(
+    *args: str, stdin: str = "", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run bkdbg in a subprocess whose servers use the fake backend."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
         [sys.executable, "-c", FAKE_BKDBG, *args],
-        input=stdin, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        cwd=cwd,
     )
 
 
@@ -68,7 +75,8 @@ def fake_bkdbg(*args: str, stdin: str = "", cwd: Path | None = None) -> subproce
 def test_missing_context(tmp_path, capsys):
     missing = tmp_path / "missing"
     assert run_main(["build", str(missing)], capsys) == (
-        1, [f"bkdbg: error: build context not found: {missing}: give an existing directory"],
+        1,
+        [f"bkdbg: error: build context not found: {missing}: give an existing directory"],
     )
 
 
@@ -87,7 +95,10 @@ def test_context_is_a_file(tmp_path, capsys):
 def test_missing_dockerfile(tmp_path, capsys):
     assert run_main(["build", str(tmp_path)], capsys) == (
         1,
-        [f"bkdbg: error: Dockerfile not found: {tmp_path / 'Dockerfile'}: create it or pass -f PATH"],
+        [
+            f"bkdbg: error: Dockerfile not found: {tmp_path / 'Dockerfile'}: create it or "
+            "pass -f PATH"
+        ],
     )
 
 
@@ -96,32 +107,52 @@ def test_missing_dockerfile(tmp_path, capsys):
     [
         (["--build-arg", "=x"], "invalid --build-arg value: '=x': expected KEY=VALUE"),
         (["--label", "novalue"], "invalid --label value: 'novalue': expected KEY=VALUE"),
-        (["--output", "type=zip,dest=x"],
-         "invalid --output value: 'type=zip,dest=x': type must be one of local, tar, image, "
-         "docker, oci, registry"),
-        (["--invoke", "entrypoint=sh,bogus=1"],
-         "invalid --invoke value: 'entrypoint=sh,bogus=1': unknown field 'bogus=1'; use "
-         "entrypoint, args, cmd, env, user, cwd, tty"),
-        (["--secret", "id=a,env=BKDBG_UNSET_VAR"],
-         "secret environment variable not set: BKDBG_UNSET_VAR: export it or use src=PATH"),
-        (["--platform", "amd64"],
-         "invalid --platform value: 'amd64': expected OS/ARCH[/VARIANT], e.g. linux/amd64"),
-        (["--progress", "fancy"],
-         "invalid --progress value: 'fancy': use one of auto, tty, plain, rawjson, quiet"),
-        (["--network", "bridge"],
-         "invalid --network value: 'bridge': use one of default, none, host"),
-        (["--invoke", "sh", "--on", "sometimes"],
-         "invalid --on value: 'sometimes': use one of always, error"),
+        (
+            ["--output", "type=zip,dest=x"],
+            "invalid --output value: 'type=zip,dest=x': type must be one of local, tar, image, "
+            "docker, oci, registry",
+        ),
+        (
+            ["--invoke", "entrypoint=sh,bogus=1"],
+            "invalid --invoke value: 'entrypoint=sh,bogus=1': unknown field 'bogus=1'; use "
+            "entrypoint, args, cmd, env, user, cwd, tty",
+        ),
+        (
+            ["--secret", "id=a,env=BKDBG_UNSET_VAR"],
+            "secret environment variable not set: BKDBG_UNSET_VAR: export it or use src=PATH",
+        ),
+        (
+            ["--platform", "amd64"],
+            "invalid --platform value: 'amd64': expected OS/ARCH[/VARIANT], e.g. linux/amd64",
+        ),
+        (
+            ["--progress", "fancy"],
+            "invalid --progress value: 'fancy': use one of auto, tty, plain, rawjson, quiet",
+        ),
+        (
+            ["--network", "bridge"],
+            "invalid --network value: 'bridge': use one of default, none, host",
+        ),
+        (
+            ["--invoke", "sh", "--on", "sometimes"],
+            "invalid --on value: 'sometimes': use one of always, error",
+        ),
         (["--on", "error"], "invalid --on value: 'error': --on needs --invoke CMD"),
         (["--detach=maybe"], "invalid --detach value: 'maybe': use one of true, false"),
-        (["--server-idle-timeout", "10x"],
-         "invalid --server-idle-timeout value: '10x': use a number with a unit s, m or h, "
-         "e.g. 30s or 10m"),
-        (["--addr", "foo://x"],
-         "unsupported BuildKit address: 'foo://x': use unix:///PATH, tcp://HOST:PORT, "
-         "docker://[unix:///PATH], docker-container://NAME"),
-        (["--addr", "tcp://h:1", "--tlscacert", "/missing/ca.pem"],
-         "TLS file not found: --tlscacert /missing/ca.pem: check the paths of these options"),
+        (
+            ["--server-idle-timeout", "10x"],
+            "invalid --server-idle-timeout value: '10x': use a number with a unit s, m or h, "
+            "e.g. 30s or 10m",
+        ),
+        (
+            ["--addr", "foo://x"],
+            "unsupported BuildKit address: 'foo://x': use unix:///PATH, tcp://HOST:PORT, "
+            "docker://[unix:///PATH], docker-container://NAME",
+        ),
+        (
+            ["--addr", "tcp://h:1", "--tlscacert", "/missing/ca.pem"],
+            "TLS file not found: --tlscacert /missing/ca.pem: check the paths of these options",
+        ),
     ],
     ids=lambda value: value[0] if isinstance(value, list) else "",
 )
@@ -135,7 +166,8 @@ def test_missing_secret_file(context, tmp_path, capsys):
     missing = tmp_path / "token"
     status, err = run_main(["build", "--secret", f"id=t,src={missing}", str(context)], capsys)
     assert (status, err) == (
-        1, [f"bkdbg: error: secret file not found: {missing}: check --secret 'id=t,src={missing}'"],
+        1,
+        [f"bkdbg: error: secret file not found: {missing}: check --secret 'id=t,src={missing}'"],
     )
 
 
@@ -153,8 +185,10 @@ def test_root_is_a_file(tmp_path, capsys):
     a_file.write_text("")
     assert run_main(["--root", str(a_file), "list"], capsys) == (
         1,
-        [f"bkdbg: error: bkdbg root is not a directory: {a_file}: choose another with --root "
-         "or BKDBG_ROOT"],
+        [
+            f"bkdbg: error: bkdbg root is not a directory: {a_file}: choose another with --root "
+            "or BKDBG_ROOT"
+        ],
     )
 
 
@@ -179,40 +213,47 @@ def test_list_without_servers(capsys):
 
 def test_attach_unknown_id(root, capsys):
     assert run_main(["attach", "deadbeef"], capsys) == (
-        1, [f"bkdbg: error: no bkdbg server with id deadbeef: {root}: run bkdbg list"],
+        1,
+        [f"bkdbg: error: no bkdbg server with id deadbeef: {root}: run bkdbg list"],
     )
 
 
 def test_attach_without_servers(root, capsys):
     assert run_main(["attach"], capsys) == (
         1,
-        [f"bkdbg: error: no bkdbg server is running under {root}: bkdbg list shows the "
-         "running servers"],
+        [
+            f"bkdbg: error: no bkdbg server is running under {root}: bkdbg list shows the "
+            "running servers"
+        ],
     )
 
 
 def test_kill_unknown_id(root, capsys):
     assert run_main(["kill", "deadbeef"], capsys) == (
-        1, [f"bkdbg: error: no bkdbg server with id deadbeef: {root}: run bkdbg list"],
+        1,
+        [f"bkdbg: error: no bkdbg server with id deadbeef: {root}: run bkdbg list"],
     )
 
 
 def test_kill_without_servers(root, capsys):
     assert run_main(["kill"], capsys) == (
-        1, [f"bkdbg: error: no bkdbg server is running under {root}: nothing to kill"],
+        1,
+        [f"bkdbg: error: no bkdbg server is running under {root}: nothing to kill"],
     )
 
 
 def test_run_script_missing(tmp_path, capsys):
     missing = tmp_path / "monitor.txt"
     assert run_main(["run-script", str(missing)], capsys) == (
-        1, [f"bkdbg: error: cannot read script: {missing}: No such file or directory"],
+        1,
+        [f"bkdbg: error: cannot read script: {missing}: No such file or directory"],
     )
 
 
 def test_run_script_directory(tmp_path, capsys):
     assert run_main(["run-script", str(tmp_path)], capsys) == (
-        1, [f"bkdbg: error: cannot read script: {tmp_path}: Is a directory"],
+        1,
+        [f"bkdbg: error: cannot read script: {tmp_path}: Is a directory"],
     )
 
 
@@ -289,11 +330,11 @@ def test_build_without_invoke_ends_session(context, root):
 
 
 def test_failed_build_exits_1(context, root):
-    (context / "fail").write_text("process \"/bin/sh -c exit 7\" did not complete successfully")
+    (context / "fail").write_text('process "/bin/sh -c exit 7" did not complete successfully')
     result = fake_bkdbg("build", str(context))
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
-        "bkdbg: error: process \"/bin/sh -c exit 7\" did not complete successfully"
+        'bkdbg: error: process "/bin/sh -c exit 7" did not complete successfully'
     )
     assert instances(root) == []
 
@@ -307,7 +348,12 @@ def test_on_error_with_successful_build_starts_nothing(context, root):
 def test_on_error_shell_in_failed_state(context, root):
     (context / "fail").write_text("exit code: 7")
     result = fake_bkdbg(
-        "build", "--invoke", "sh", "--on", "error", str(context),
+        "build",
+        "--invoke",
+        "sh",
+        "--on",
+        "error",
+        str(context),
         stdin="echo state=$BKDBG_STATE\nexit 2\n",
     )
     assert result.stdout == "state=failed\n"
@@ -395,8 +441,10 @@ def test_unreachable_server_named(fake_servers, root, capsys):
     assert len(err) == 1
     assert err[0].startswith(f"bkdbg: error: bkdbg server {server.instance_id} is not running")
     assert cli.main(["list"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith(
-        f"removed server {server.instance_id}: its process {server.server_pid} is gone"
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .startswith(f"removed server {server.instance_id}: its process {server.server_pid} is gone")
     )
     assert instances(root) == []
     assert ServerError  # the error class the message comes from

@@ -82,6 +82,181 @@ def test_describe_frame_hides_payload():
     assert "hunter2" not in describe_frame(msg)
 
 
+class FakeCall:
+    """An ExecProcess call that plays `frames` after reading the Init, recording requests."""
+
+    def __init__(self, requests, frames, hold=False):
+        self.sent = []
+        self.cancelled = threading.Event()
+        self._requests = requests
+        self._frames = frames
+        self._hold = hold
+
+    def __iter__(self):
+        self.sent.append(next(self._requests))  # the Init
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        for msg in self._frames:
+            if callable(msg):
+                msg = msg(self)
+            yield msg
+        if self._hold:
+            self.cancelled.wait(WAIT)
+
+    def _read(self):
+        for msg in self._requests:
+            self.sent.append(msg)
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class FakeBridge:
+    """A BridgeOwner whose ExecProcess streams play prepared frames."""
+
+    call_metadata = (("buildkit-controlapi-buildid", "fake"),)
+
+    def __init__(self, frames, hold=False):
+        self.bridge = self
+        self.frames = frames
+        self.hold = hold
+        self.calls = []
+
+    def ExecProcess(self, requests, metadata):  # noqa: N802 - the gRPC method name
+        call = FakeCall(requests, self.frames, self.hold)
+        self.calls.append(call)
+        return call
+
+    def NewContainer(self, request, metadata):  # noqa: N802 - the gRPC method name
+        return None
+
+    def ReleaseContainer(self, request, metadata, timeout):  # noqa: N802 - the gRPC method name
+        return None
+
+
+def pid_of(call):
+    return call.sent[0].ProcessID
+
+
+def started(call):
+    return gateway_pb2.ExecMessage(ProcessID=pid_of(call), Started=gateway_pb2.StartedMessage())
+
+
+def output(fd, data=b"", eof=False):
+    def make(call):
+        file = gateway_pb2.FdMessage(Fd=fd, Data=data, EOF=eof)
+        return gateway_pb2.ExecMessage(ProcessID=pid_of(call), File=file)
+
+    return make
+
+
+def exited(code, error=""):
+    def make(call):
+        exit_msg = gateway_pb2.ExitMessage(Code=code)
+        if error:
+            exit_msg.Error.message = error
+        return gateway_pb2.ExecMessage(ProcessID=pid_of(call), Exit=exit_msg)
+
+    return make
+
+
+def done(call):
+    return gateway_pb2.ExecMessage(ProcessID=pid_of(call), Done=gateway_pb2.DoneMessage())
+
+
+def fake_start(frames, hold=False, timeout=WAIT, **config):
+    bridge = FakeBridge(frames, hold)
+    sink = Output()
+    process = Container(bridge, "c1").start(
+        ProcessConfig(args=["sh"], **config), sink, timeout=timeout
+    )
+    return process, sink, bridge.calls[0]
+
+
+def test_fake_process_runs_to_done():
+    frames = [started, output(1, b"hi"), exited(3, "exit code: 3"), output(1, eof=True),
+              output(2, eof=True), done]  # fmt: skip
+    process, sink, call = fake_start(frames)
+    assert process.wait(WAIT) == 3
+    assert process.exit_error == "exit code: 3"
+    assert sink.text() == "hi"
+    assert sink.eof == {1, 2}
+    call.reader.join(WAIT)  # the stream's requests end after Done
+    eofs = [m for m in call.sent if m.WhichOneof("Input") == "File" and m.File.EOF]
+    assert len(eofs) == 1  # stdin EOF sent once, after Exit
+    assert eofs[0].File.Fd == 0
+
+
+def test_fake_init_frame():
+    process, sink, call = fake_start([started, exited(0), done], tty=True, rows=24, cols=80,
+                                     user="app", cwd="/w", env=["A=1"])  # fmt: skip
+    assert process.wait(WAIT) == 0
+    call.reader.join(WAIT)
+    init = call.sent[0].Init
+    assert init.ContainerID == "c1"
+    assert list(init.Meta.args) == ["sh"]
+    assert (init.Meta.user, init.Meta.cwd, list(init.Meta.env)) == ("app", "/w", ["A=1"])
+    assert (list(init.Fds), init.Tty) == ([0, 1, 2], True)
+    resize = [m.Resize for m in call.sent if m.WhichOneof("Input") == "Resize"]
+    assert [(r.Rows, r.Cols) for r in resize] == [(24, 80)]
+
+
+def test_fake_no_stdin_no_eof():
+    process, sink, call = fake_start([started, exited(0), done], fds=(1, 2))
+    assert process.wait(WAIT) == 0
+    call.reader.join(WAIT)
+    assert not [m for m in call.sent if m.WhichOneof("Input") == "File"]
+    with pytest.raises(ContainerError, match="has ended"):
+        process.write(b"x")
+
+
+def test_fake_exit_before_started():
+    with pytest.raises(ContainerError, match="could not start.*exited with code 1"):
+        fake_start([exited(1, "exit code: 1"), done])
+
+
+def test_fake_protocol_error_names_frame():
+    with pytest.raises(ContainerError, match="protocol error: File frame before Started"):
+        fake_start([output(1, b"early")])
+
+
+def test_fake_started_timeout():
+    with pytest.raises(ContainerError, match="no Started within 0.2 s"):
+        fake_start([], hold=True, timeout=0.2)
+
+
+def test_fake_stream_end_without_exit():
+    process, sink, call = fake_start([started, output(1, b"partial")])
+    with pytest.raises(ContainerError, match="process lost.*without Exit"):
+        process.wait(WAIT)
+    assert sink.text() == "partial"
+
+
+def test_fake_foreign_frames_dropped():
+    foreign = gateway_pb2.ExecMessage(
+        ProcessID="other", File=gateway_pb2.FdMessage(Fd=1, Data=b"x")
+    )
+    process, sink, call = fake_start([started, foreign, output(1, b"mine"), exited(0), done])
+    assert process.wait(WAIT) == 0
+    assert sink.text() == "mine"
+
+
+def test_fake_killed_init_reports_signal():
+    frames = [started, lambda call: time.sleep(0.2) or exited(255, "runc did not terminate "
+              "successfully: exit status -1")(call), done]  # fmt: skip
+    process, sink, call = fake_start(frames)
+    process.signal("SIGKILL")
+    assert process.wait(WAIT) == 137
+
+
+def test_fake_wait_timeout():
+    process, sink, call = fake_start([started], hold=True)
+    with pytest.raises(TimeoutError, match=process.id):
+        process.wait(0.1)
+    process.abandon()
+    assert call.cancelled.is_set()
+
+
 # ---------------------------------------------------------------- integration
 
 

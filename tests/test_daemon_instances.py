@@ -113,7 +113,7 @@ def test_root_not_writable_names_flag(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a check as another user")
 def test_root_not_writable_for_other_user(tmp_path: Path) -> None:
-    # root bypasses permission bits, so the check runs in a child as nobody
+    # root bypasses permission bits, so the check runs in a child as the user nobody
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o755)
     tmp_path.chmod(0o755)

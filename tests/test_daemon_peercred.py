@@ -57,14 +57,15 @@ def front(echo_backend: Path) -> Iterator[FrontListener]:
 
 
 def closed_by_server(sock: socket.socket) -> bool:
-    """Return whether the server closed the connection without answering.
+    """Send a few bytes; return whether the server closed the connection without a response.
 
-    Closing a socket with unread input makes the kernel send a reset, so the close shows
-    up as ECONNRESET rather than EOF when the client wrote first.
+    The server may close before the bytes arrive (EPIPE on send), or with the bytes unread,
+    which makes the kernel send a reset (ECONNRESET rather than EOF).
     """
     try:
+        sock.sendall(b"ping")
         return sock.recv(10) == b""
-    except ConnectionResetError:
+    except (BrokenPipeError, ConnectionResetError):
         return True
 
 
@@ -121,7 +122,6 @@ def test_front_rejects_wrong_uid(echo_backend: Path, caplog: pytest.LogCaptureFi
                 socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(listener.public_path))
             sock.settimeout(5)
-            sock.sendall(b"hello")
             assert closed_by_server(sock)
         assert listener.rejected == 1
         assert "rejected a connection from uid" in caplog.text
@@ -131,15 +131,15 @@ def test_front_rejects_wrong_uid(echo_backend: Path, caplog: pytest.LogCaptureFi
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to switch to another uid")
 def test_front_rejects_real_other_user(front: FrontListener, tmp_path: Path) -> None:
-    # the socket is 0600 in a 0700 dir, so a real stranger cannot even connect; open it up
-    # here so that the peer credential check itself is what rejects the connection
+    # the socket is 0600 in a 0700 dir, so a real stranger cannot even connect. Open it up
+    # here, so that the peer credential check itself must reject the connection.
     os.chmod(front.public_path, 0o666)
     for directory in front.public_path.parents:
         if directory == Path("/tmp"):
             break
         os.chmod(directory, 0o755)
     pid = os.fork()
-    if pid == 0:  # child: become nobody, connect, report what the server did
+    if pid == 0:  # child: switch to the user nobody, connect, report what the server did
         code = 3
         try:
             os.setgid(NOBODY)
@@ -147,7 +147,6 @@ def test_front_rejects_real_other_user(front: FrontListener, tmp_path: Path) -> 
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5)
                 sock.connect(str(front.public_path))
-                sock.sendall(b"ping")
                 code = 0 if closed_by_server(sock) else 1
         finally:
             os._exit(code)

@@ -1,7 +1,7 @@
 """Server behaviour through the real gRPC API, with a fake BuildKit backend.
 
-Each test runs a server in this process (`run_in_process`), so requests go through the
-front socket, the relay and gRPC exactly as from another process; container processes
+Each test runs a server in this process (`run_in_process`). Requests still go through the
+front socket, the relay and gRPC exactly as from another process. Container processes
 are local processes (see tests/test_daemon_support.py).
 """
 
@@ -548,3 +548,15 @@ def test_clients_listed_while_streaming(client: DaemonClient) -> None:
         assert [c.id for c in client.info().clients] == [client.client_id]
     finally:
         events.close()
+
+
+def test_build_goes_on_without_client(client: DaemonClient, context_dir: Path) -> None:
+    (context_dir / "slow").write_text("0.5")
+    events = client.build(options(context_dir, ["sh"]))
+    assert isinstance(next(events), BuildProgress)
+    events.close()  # the client stops reading, as when it is killed
+    deadline = time.monotonic() + WAIT
+    while client.info().build_state == "building" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.info().build_state == "built"
+    assert client.info().current_process == "p1"

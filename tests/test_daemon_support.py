@@ -1,9 +1,9 @@
 """A fake BuildKit backend for server tests, and a server entry point that uses it.
 
-`FakeBackend` implements `bkdbg.daemon.backend.Backend` without BuildKit: a build reads
-control files from its context directory, and container processes are real local
-processes (pipes, or a pty for tty) running in a fresh temporary directory per container,
-so a file written in one container is gone in the next, as after a rollback.
+`FakeBackend` implements `bkdbg.daemon.backend.Backend` without BuildKit. A build reads
+control files from its context directory. Container processes are real local processes
+(pipes, or a pty for tty), and each container runs them in a fresh temporary directory.
+So a file written in one container is gone in the next, as after a rollback.
 
 Control files in the build context:
 - `fail`: the solve fails with BuildFailed; its text is the failed step's message.

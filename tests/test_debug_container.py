@@ -312,6 +312,10 @@ def test_failed_init_state_has_no_partial(failed_build):
         status, out = run(debug, ["sh", "-c", "cat /early; test -e /partial"])
         assert out.text() == "early\n"
         assert status == 1
+        # a cache mount is shared, not a snapshot, so it keeps what the command wrote
+        status, out = run(debug, ["cat", "/cache/marker"])
+        assert status == 0
+        assert out.text() == "cached\n"
 
 
 def test_failed_state_sees_cache_mount(failed_build):

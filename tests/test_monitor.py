@@ -72,7 +72,9 @@ def batch_app(ws: Workspace) -> Iterator[Monitor]:
     monitor.close()
 
 
-def run_cmd(app: Monitor, line: str, capfd: pytest.CaptureFixture[str]) -> tuple[list[str], list[str]]:
+def run_cmd(
+    app: Monitor, line: str, capfd: pytest.CaptureFixture[str]
+) -> tuple[list[str], list[str]]:
     """Run one command line; return its stdout and stderr lines."""
     # pytest swaps sys.stdout per test phase, so cmd2 gets the one of the call phase
     app.stdout = sys.stdout
@@ -89,8 +91,21 @@ def run_cmd(app: Monitor, line: str, capfd: pytest.CaptureFixture[str]) -> tuple
 def test_help_lists_commands(app, capfd):
     out, _ = run_cmd(app, "help", capfd)
     text = "\n".join(out)
-    for command in ("build", "reload", "rollback", "exec", "ps", "attach", "list", "kill",
-                    "disconnect", "detach", "exit", "history", "help"):
+    for command in (
+        "build",
+        "reload",
+        "rollback",
+        "exec",
+        "ps",
+        "attach",
+        "list",
+        "kill",
+        "disconnect",
+        "detach",
+        "exit",
+        "history",
+        "help",
+    ):
         assert command in text
     for hidden in ("shell", "edit", "run_pyscript", "quit"):
         assert f" {hidden} " not in f" {text} "
@@ -205,12 +220,18 @@ def test_reload_failure_fails(batch_app, client, capfd):
 
 def test_reload_into_failed_state_is_no_failure(batch_app, client, capfd):
     step = FailedStep(
-        message="exit 7", exit_code=7, filename="Dockerfile", line=3,
-        source_lines=["   3 | >>> RUN exit 7"], command=["/bin/sh", "-c", "exit 7"], is_exec=True,
+        message="exit 7",
+        exit_code=7,
+        filename="Dockerfile",
+        line=3,
+        source_lines=["   3 | >>> RUN exit 7"],
+        command=["/bin/sh", "-c", "exit 7"],
+        is_exec=True,
     )
     client.reload_events = [
-        BuildDone(ok=False, error="exit 7", error_kind="BuildFailed", failed_step=step,
-                  process_id="p9"),
+        BuildDone(
+            ok=False, error="exit 7", error_kind="BuildFailed", failed_step=step, process_id="p9"
+        ),
     ]
     out, err = run_cmd(batch_app, "reload", capfd)
     assert not batch_app.failed

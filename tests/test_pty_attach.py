@@ -114,7 +114,11 @@ def attached_raw(client: FakeClient, pty_pair: Pty) -> FakeStream:
 
 
 def handler_installed(signum: int) -> bool:
-    return signal.getsignal(signum) not in (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN)
+    return signal.getsignal(signum) not in (
+        signal.default_int_handler,
+        signal.SIG_DFL,
+        signal.SIG_IGN,
+    )
 
 
 @pytest.fixture
@@ -309,10 +313,26 @@ def ws(client, terminal, tmp_path) -> Workspace:
 @pytest.mark.parametrize(
     ("message", "status", "line"),
     [
-        (Exited(3), None, "Process p1 (sh) exited with status 3; type reload, rollback, exec or exit"),
-        (TakenOver("c2"), None, "another client took over this session; you are at the monitor prompt"),
-        (Closed("bkdbg disconnect"), 0, "server 0a1b2c3d closed this client's connection: bkdbg disconnect"),
-        (ServerUnreachable("bkdbg server 0a1b2c3d is not running"), 1, "bkdbg: error: bkdbg server 0a1b2c3d is not running"),
+        (
+            Exited(3),
+            None,
+            "Process p1 (sh) exited with status 3; type reload, rollback, exec or exit",
+        ),
+        (
+            TakenOver("c2"),
+            None,
+            "another client took over this session; you are at the monitor prompt",
+        ),
+        (
+            Closed("bkdbg disconnect"),
+            0,
+            "server 0a1b2c3d closed this client's connection: bkdbg disconnect",
+        ),
+        (
+            ServerUnreachable("bkdbg server 0a1b2c3d is not running"),
+            1,
+            "bkdbg: error: bkdbg server 0a1b2c3d is not running",
+        ),
     ],
     ids=["exited", "taken-over", "closed", "lost"],
 )
@@ -338,7 +358,9 @@ def test_enter_follows_replaced_process(ws, client, capsys):
     assert session.enter(ws, "p1") is None
     helper.join(WAIT)
     assert ws.current.process_id == "p2"
-    assert capsys.readouterr().err.splitlines()[-1].startswith("Process p2 (sh) exited with status 5")
+    assert (
+        capsys.readouterr().err.splitlines()[-1].startswith("Process p2 (sh) exited with status 5")
+    )
 
 
 def test_detach_tells_how_to_return(ws, client, pty_pair, capsys):

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -25,7 +26,7 @@ from bkdbg.buildkit_proto import (
     secrets_pb2,
     sshforward_pb2,
 )
-from bkdbg.errors import UsageError
+from bkdbg.errors import BuildkitError, UsageError
 from bkdbg.gateway.auth import AuthService
 from bkdbg.gateway.connection import connect
 from bkdbg.gateway.h2server import H2Server
@@ -404,6 +405,10 @@ def test_ssh_unknown_id(h2_server: Any) -> None:
     assert "deploy" in caught.value.details()
 
 
+@pytest.mark.skipif(
+    shutil.which("ssh-agent") is None or shutil.which("ssh-keygen") is None,
+    reason="needs OpenSSH's ssh-agent, ssh-add and ssh-keygen",
+)
 def test_ssh_key_file_agent(h2_server: Any, tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519"
     subprocess.run(
@@ -496,7 +501,10 @@ CONTEXT_FILES = {
 
 
 def write_test_context(make_context: Any) -> Path:
-    context: Path = make_context("FROM scratch\nCOPY . /ctx/\n", CONTEXT_FILES)
+    # a file unique to this run keeps BuildKit from taking the COPY result from its cache,
+    # which would keep the mtimes of an earlier run
+    files = {**CONTEXT_FILES, "nonce": str(time.time_ns())}
+    context: Path = make_context("FROM scratch\nCOPY . /ctx/\n", files)
     (context / "app" / "main.sh").chmod(0o755)
     (context / "empty" / "nested").mkdir(parents=True)
     (context / "link-to-main").symlink_to("app/main.sh")
@@ -524,6 +532,7 @@ def test_session_local_export_matches_context(
         "keep/deep",
         "keep/deep/kept.log",
         "link-to-main",
+        "nonce",
         "ünïcödé.txt",
     }
     assert exported["app/main.sh"] == ("file", 0o755, "echo main\n")
@@ -553,10 +562,11 @@ def test_session_tar_export(buildkit_addr: str, make_context: Any, tmp_path: Pat
 def test_session_secret_mount(
     buildkit_addr: str, make_context: Any, tmp_path: Path, no_leaked_containers: None
 ) -> None:
+    # secret values are not part of BuildKit's cache keys, so the RUN line is made unique
     dockerfile = (
         f"FROM {TEST_IMAGE} AS build\n"
         "RUN --mount=type=secret,id=file --mount=type=secret,id=env "
-        "cat /run/secrets/file /run/secrets/env > /both\n"
+        f"cat /run/secrets/file /run/secrets/env > /both # {time.time_ns()}\n"
         "FROM scratch\n"
         "COPY --from=build /both /both\n"
     )
@@ -595,3 +605,19 @@ def test_session_survives_health_checks(
             )
             conn.control.Solve(request, timeout=60)
     assert (out / "ctx" / "late.txt").read_text() == "late\n"
+
+
+def test_session_start_fails_fast_without_buildkit(tmp_path: Path) -> None:
+    channel = grpc.insecure_channel(f"unix:{tmp_path / 'nothing.sock'}")
+    session = Session(channel, shared_key="k")
+    started = time.monotonic()
+    try:
+        with pytest.raises(
+            BuildkitError, match="Control.Session failed: BuildKit returned UNAVAILABLE"
+        ):
+            session.start()
+    finally:
+        session.close()
+        channel.close()
+    assert time.monotonic() - started < 5
+    assert session.ended

@@ -70,7 +70,7 @@ def _probe_status(paths: InstancePaths) -> ServerStatus | None:
     try:
         return client.info(timeout=PROBE_TIMEOUT)
     except BkdbgError as exc:
-        logger.debug("instance %s does not answer: %s", paths.instance_id, exc)
+        logger.debug("instance %s does not respond: %s", paths.instance_id, exc)
         return None
     finally:
         client.close(say_goodbye=False)
@@ -79,7 +79,7 @@ def _probe_status(paths: InstancePaths) -> ServerStatus | None:
 def kill_instance(root: str | os.PathLike[str] | None, instance_id: str) -> str:
     """Stop a server and remove its directory; returns "stopped", or "stale" for a dead one.
 
-    A server that does not answer Shutdown gets SIGTERM, then SIGKILL.
+    A server that does not respond to Shutdown gets SIGTERM, then SIGKILL.
     """
     root_path = resolve_root(root)
     paths = find_instance(root_path, instance_id)
@@ -99,7 +99,7 @@ def kill_instance(root: str | os.PathLike[str] | None, instance_id: str) -> str:
 def _wait_stopped(record: InstanceRecord, timeout: float) -> bool:
     if not record.meta.get("in_process"):
         return wait_pid_gone(record.pid, record.instance_id, timeout)
-    # an in-process server stops without its process exiting; its socket goes away
+    # an in-process server stops without its process exiting, but it removes its socket
     deadline = time.monotonic() + timeout
     while record.paths.socket.exists() and server_alive(record):
         if time.monotonic() >= deadline:

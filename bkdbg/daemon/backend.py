@@ -1,4 +1,4 @@
-"""What the session needs from BuildKit, as protocols, so tests can give it a fake.
+"""Protocols for the session's access to BuildKit, so that tests can use a fake backend.
 
 `bkdbg.daemon.gateway_backend.GatewayBackend` implements them with `bkdbg.gateway`.
 """

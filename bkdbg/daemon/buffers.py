@@ -1,7 +1,8 @@
 """Bounded output storage: a process's replay ring and a client's send queue.
 
-Both are written from the thread that receives a process's output, which must never
-block on a client, so both drop their oldest output instead of waiting for space.
+Both are written from the thread that receives a process's output. That thread must not
+wait for a client, so both drop their oldest output instead of waiting for space (each
+takes only its own short lock).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class SendQueue:
         self.total_dropped = 0
 
     def put(self, message: AttachMessage) -> bool:
-        """Queue `message`; return False when the queue is closed. Never blocks."""
+        """Queue `message` without waiting for space; return False when the queue is closed."""
         with self._cond:
             if self._closed:
                 return False

@@ -1,8 +1,9 @@
 """`DaemonClient`: the only way the shell talks to a bkdbg server.
 
 This module is the one place where `grpc.RpcError` from a server becomes a `bkdbg.errors`
-exception: the class named in the `bkdbg-error` trailing metadata when the server sent
-one, else by status code (UNAVAILABLE means no server answers at the socket).
+exception. It is the class named in the `bkdbg-error` trailing metadata when the server
+sent one, else a class chosen by status code (UNAVAILABLE means that no server responds at
+the socket).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
 ]
+
+
 def client_version() -> str:
     return bkdbg.__version__
 
@@ -87,7 +90,7 @@ def translate(exc: grpc.RpcError, paths: InstancePaths) -> BkdbgError:
     instance = paths.instance_id
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ServerUnreachable(
-            f"bkdbg server {instance} is not running or not answering: {paths.socket}: "
+            f"bkdbg server {instance} is not running or not responding: {paths.socket}: "
             "run bkdbg list"
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -122,6 +125,7 @@ class DaemonClient:
         self.client_id = ""
         self.server_pid = 0
         self.server_version = ""
+        self.closed = False
         self._said_goodbye = False
 
     @property
@@ -153,10 +157,10 @@ class DaemonClient:
     def connect(cls, root: str | os.PathLike[str] | None, instance_id: str,
                 timeout: float = PROBE_TIMEOUT, name: str = "",
                 check_version: bool = True) -> DaemonClient:
-        """Connect to a running server and say Hello.
+        """Connect to a running server and send Hello.
 
         Raises UnknownInstance for an id without a directory, ServerUnreachable when the
-        server does not answer within `timeout` seconds, and VersionMismatch.
+        server does not respond within `timeout` seconds, and VersionMismatch.
         """
         root_path = resolve_root(root)
         paths = find_instance(root_path, instance_id)
@@ -305,6 +309,7 @@ class DaemonClient:
                     self._stub.Goodbye(pb.GoodbyeRequest(client_id=self.client_id),
                                        timeout=PROBE_TIMEOUT)
             self._said_goodbye = True
+        self.closed = True
         self._channel.close()
         if self._server is not None:
             self._server.request_stop("its in-process client closed")
@@ -336,6 +341,8 @@ class AttachStream:
         self._requests: queue.Queue[pb.AttachInput | None] = queue.Queue()
         self._requests.put(pb.AttachInput(start=start))
         self._closed = False
+        # gRPC fails a call read from two threads at once (error 8, too many operations)
+        self._read_lock = threading.Lock()
         self._call = client._stub.Attach(self._request_iterator())
         first = self._next()
         if not isinstance(first, Attached):
@@ -383,15 +390,26 @@ class AttachStream:
 
     def _next(self) -> AttachMessage | None:
         try:
-            return attach_output_from_pb(next(self._call))
+            with self._read_lock:
+                return attach_output_from_pb(next(self._call))
         except StopIteration:
             self._end_requests()
             return None
         except grpc.RpcError as exc:
             self._end_requests()
-            if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+            if self._cancelled_here(exc):
                 return None
             raise translate(exc, self._client.paths) from exc
+
+    def _discard_output(self) -> None:
+        with contextlib.suppress(grpc.RpcError, StopIteration):
+            while True:
+                with self._read_lock:
+                    next(self._call)
+
+    def _cancelled_here(self, exc: grpc.RpcError) -> bool:
+        cancelled = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED
+        return cancelled and (self._closed or self._client.closed)
 
     def _end_requests(self) -> None:
         # lets gRPC's thread that reads the request iterator finish
@@ -409,6 +427,8 @@ class AttachStream:
         ended = threading.Event()
         self._call.add_done_callback(lambda _: ended.set())
         self._end_requests()
+        # gRPC reports the end of the call only once the output before it was read
+        threading.Thread(target=self._discard_output, name="attach-discard", daemon=True).start()
         if not ended.wait(timeout):
             logger.debug("attach stream of %s did not end; cancelling it", self._client.instance_id)
         self._call.cancel()
@@ -427,7 +447,8 @@ class EventStream:
             for event in self._call:
                 yield event_from_pb(event)
         except grpc.RpcError as exc:
-            if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+            cancelled = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED
+            if cancelled and (self._closed or self._client.closed):
                 return
             raise translate(exc, self._client.paths) from exc
 

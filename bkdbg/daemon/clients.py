@@ -1,8 +1,8 @@
 """The clients of a server: ids from `Hello`, open streams, and their event subscriptions.
 
-A client counts as present while it has a stream open (Events, Attach or Build); that is
-how the server notices a client that died or lost its terminal, since the kernel closes
-its socket and gRPC ends its streams.
+A client counts as present while it has a stream open (Events, Attach or Build). This is
+how the server notices a client that died or lost its terminal: the kernel closes the
+client's socket, so gRPC ends its streams.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from bkdbg.daemon.messages import ClientInfo, ServerEvent
 logger = logging.getLogger(__name__)
 
 EVENT_QUEUE_SIZE = 256
-# clients without an open stream that are remembered (one that was killed never says
-# Goodbye); the oldest are forgotten first
+# clients without an open stream that are remembered, because a killed client never sends
+# Goodbye; the oldest are forgotten first
 KEPT_IDLE_CLIENTS = 64
 
 
@@ -45,7 +45,7 @@ class EventSubscription:
         try:
             self._queue.put_nowait(None)
         except queue.Full:
-            # make room for the end marker: an event that nobody reads is lost anyway
+            # make room for the end marker, since no reader will take the dropped event
             self._queue.get_nowait()
             self._queue.put_nowait(None)
 
@@ -58,7 +58,7 @@ class EventSubscription:
 
 @dataclass(eq=False)
 class ClientRecord:
-    """One client, from its Hello until it says Goodbye."""
+    """One client, from its Hello until its Goodbye."""
 
     id: str
     pid: int = 0
@@ -162,7 +162,7 @@ class ClientRegistry:
         with self._lock:
             self._clients.pop(client_id, None)
             self._last_activity = time.monotonic()
-        logger.info("client %s said goodbye", client_id)
+        logger.info("client %s sent Goodbye", client_id)
 
     def present(self, exclude: str = "") -> list[ClientRecord]:
         """Return the clients with a stream open, except `exclude`."""

@@ -80,7 +80,7 @@ class InstancePaths:
 
 @dataclass(frozen=True)
 class InstanceRecord:
-    """What an instance directory shows without asking its server."""
+    """An instance directory's pid and meta files, read without asking its server."""
 
     paths: InstancePaths
     pid: int | None
@@ -113,7 +113,7 @@ def default_root() -> Path:
 
 def _usable_runtime_dir() -> Path | None:
     # platformdirs warns and falls back to a temp dir when XDG_RUNTIME_DIR is missing or
-    # unsafe; only a base dir that already exists, is ours and is writable counts here
+    # unsafe. So a base dir counts only when it already exists, is ours and is writable.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

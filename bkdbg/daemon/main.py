@@ -1,9 +1,9 @@
 """Entry points of the server: the hidden `bkdbg __server` command and the in-process mode.
 
 `bkdbg build` starts `python -m bkdbg __server --root ROOT --id ID --ready-fd N` in a new
-session with cwd `/`, stdin closed and output to the instance log (see `launcher.py`);
-the server writes one line to fd N once it accepts connections, so the client never
-polls for the socket. `--detach=false` runs the same `Server` in the client's process.
+session with cwd `/`, stdin closed and output to the instance log (see `launcher.py`).
+The server writes one line to fd N once it accepts connections, so the client does not
+poll for the socket. `--detach=false` runs the same `Server` in the client's process.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def default_backend() -> Backend:
 
 
 def serve_main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
-    """Run a server until it is told to stop; returns the process exit status."""
+    """Run a server until a stop request; returns the process exit status."""
     args = _parser().parse_args(argv)
     if not is_instance_id(args.id):
         _parser().error(f"invalid --id value: {args.id!r}: expected 8 lowercase hex digits")

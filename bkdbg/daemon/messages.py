@@ -76,12 +76,12 @@ class BuildProgress:
 
 @dataclass(frozen=True)
 class BuildDone:
-    """How a build, or a reload, ended.
+    """The outcome of a build or a reload.
 
-    `ok` is the build's result. `error` may be set with `ok` true when the build worked
-    but the interactive process could not start; `error_kind` is then the name of a class in
-    `bkdbg.errors`. `process_id` is the interactive process started on the result (or in the
-    failed step's state), empty when none was asked for or it could not start.
+    `ok` is the build's result. `error` may be set with `ok` true, when the build worked
+    but the interactive process could not start. `error_kind` is the name of the error's
+    class in `bkdbg.errors`. `process_id` is the interactive process started on the result
+    (or in the failed step's state), empty when none was requested or it could not start.
     """
 
     ok: bool
@@ -134,7 +134,7 @@ class ServerEvent:
 
 @dataclass(frozen=True)
 class ServerStatus:
-    """A server's answer to Info.
+    """A server's response to Info.
 
     `build_state` is idle, building, built, failed or cancelled; `started` is Unix seconds.
     """
@@ -155,9 +155,9 @@ class ServerStatus:
 class InstanceInfo:
     """One server instance as `bkdbg list` shows it.
 
-    `state` is running, unresponsive (its process lives but does not answer), starting,
-    or stale (its process is gone; the directory was removed while listing). `status` is
-    the server's Info answer when it gave one.
+    `state` is running, unresponsive (its process lives but does not respond), starting,
+    or stale (its process is gone, and listing removed its directory). `status` is the
+    server's Info response when it sent one.
     """
 
     instance_id: str

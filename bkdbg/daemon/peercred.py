@@ -1,7 +1,8 @@
 """The server's public socket: accept, check the peer's uid, and relay to the gRPC socket.
 
-grpcio does not expose a connection's file descriptor or the peer credentials of a unix
-socket (`context.peer()` is just "unix:"), so the uid check cannot happen inside gRPC.
+grpcio gives a handler neither the connection's file descriptor nor the peer credentials
+of a unix socket. With grpcio 1.85, `context.peer()` is "unix:" and the auth context holds
+only the security level, even with local (UDS) credentials. So the uid check happens here.
 `FrontListener` accepts on `ROOT/ID/sock` itself, reads SO_PEERCRED, closes connections from
 other uids with a log line, and copies bytes both ways between an accepted connection and
 a new connection to the gRPC server's own socket in the 0700 instance directory. Each
@@ -46,7 +47,7 @@ def _darwin_peer_uid(sock: socket.socket) -> int | None:
 
 
 def peer_pid(sock: socket.socket) -> int | None:
-    """Return the pid at the other end of a unix socket where the platform tells it."""
+    """Return the pid at the other end of a unix socket, None where the platform has none."""
     if not hasattr(socket, "SO_PEERCRED"):
         return None
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -188,7 +189,7 @@ def relay_bytes(source: socket.socket, target: socket.socket) -> None:
             target.sendall(view[:count])
     except OSError as exc:
         logger.debug("relay ended: %s", exc)
-        # the other direction must end too, so the peer sees the connection drop
+        # end the other direction too, so that the peer notices the connection drop
         _shutdown_quietly(source)
     _shutdown_quietly(target, socket.SHUT_WR)
 

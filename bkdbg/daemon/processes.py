@@ -1,9 +1,10 @@
 """A container process as the server keeps it: output fan-out, replay ring, input owner.
 
-The newest attachment with input takes the process's stdin; the one that had it gets
+The newest attachment with input takes the process's stdin, and the one that had it gets
 `TakenOver` and its stream ends. Read-only attachments only watch. Output goes to every
-attachment's `SendQueue` without blocking, and into the replay ring while no attachment
-with input is there, so a user who comes back sees what happened meanwhile.
+attachment's `SendQueue` without waiting for the client. While no attachment has the
+input, it also goes into the replay ring, so that a user who comes back gets what the
+process wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class ManagedProcess:
     # ------------------------------------------------------------ output
 
     def sink(self, fd: int, data: bytes) -> None:
-        """Take output from the backend; never blocks on a client."""
+        """Take output from the backend, without waiting for any client."""
         with self._lock:
             if not data:
                 self._eof_fds.add(fd)

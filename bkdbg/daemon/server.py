@@ -2,10 +2,9 @@
 
 `Server.start()` serves `Debugger` on the instance's private `.rpc` socket, puts the
 `FrontListener` on `sock`, and writes the pid and meta files. A lifecycle thread waits for
-a stop request (Shutdown, Goodbye that ends the session, a signal, the idle timeout) and
-then stops everything in order: the session first (streams get their last message,
-containers are released, the build is cancelled), then gRPC with a grace period, then the
-front socket and the files.
+a stop request: Shutdown, a Goodbye that ends the session, a signal or the idle timeout.
+It then stops the session (streams get their last message, containers are released, the
+build is cancelled), then gRPC with a grace period, and last the front socket and files.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from bkdbg.errors import ServerError
 logger = logging.getLogger(__name__)
 
 STOP_GRACE = 2.0  # seconds that open RPCs get to finish when the server stops
-# every open stream (Build, Events, Attach) holds one worker thread for its whole life
+# every open stream (Build, Events, Attach) uses one worker thread for its whole life
 RPC_WORKERS = 128
 MESSAGE_LIMIT = 16 * 1024 * 1024
 GRPC_OPTIONS = [

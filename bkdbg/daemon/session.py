@@ -1,8 +1,8 @@
 """The debugging session of one server: its build, the current container and the processes.
 
-One server holds one build. Build and Reload run the build in a thread and stream its
-progress; the interactive process (from `--invoke`) starts on the result, or in the failed
-step's state. Rollback and Exec start processes in a container of the same build. The
+A server has one build. Build and Reload run the build in a thread and stream its
+progress. The interactive process (from `--invoke`) starts on the result, or in the
+failed step's state. Rollback and Exec start processes in a container of the same build. The
 current container is replaced only after its successor runs, so a rollback that fails to
 start keeps the user's shell.
 """
@@ -65,7 +65,7 @@ class BuildRun:
     """One build or reload: its progress for the client that asked, then its BuildDone."""
 
     def __init__(self) -> None:
-        self._events: queue.Queue[BuildEvent] = queue.Queue()
+        self._events: queue.Queue[BuildEvent | None] = queue.Queue()
         self._listening = True
         self.done: BuildDone | None = None
         self.finished = threading.Event()
@@ -81,12 +81,12 @@ class BuildRun:
         self.finished.set()
 
     def stop_listening(self) -> None:
-        """Drop later progress: the client that asked is gone; the build goes on."""
+        """End `stream()` and drop later progress; the build itself goes on."""
         self._listening = False
+        self._events.put(None)
 
     def stream(self) -> Iterator[BuildEvent]:
-        while True:
-            event = self._events.get()
+        while (event := self._events.get()) is not None:
             yield event
             if isinstance(event, BuildDone):
                 return
@@ -285,10 +285,16 @@ class Session:
             _release_quietly(container)
             raise
         with self._lock:
-            old = (self._container, self._container_processes)
-            self._container, self._container_state = container, state
-            self._container_processes = [process]
-            self._current = process.id
+            closing = self._closing
+            if not closing:
+                old = (self._container, self._container_processes)
+                self._container, self._container_state = container, state
+                self._container_processes = [process]
+                self._current = process.id
+        if closing:
+            # close() has already released what it knew of; this container is ours to end
+            self._retire(container, [process], "the server is shutting down")
+            raise ServerError(f"bkdbg server {self.instance_id} is shutting down: start a new one")
         self._retire(old[0], old[1], reason, process.id)
         return process.id
 

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -125,7 +125,7 @@ class ProcessConfig:
     """
 
     args: list[str]
-    env: list[str]
+    env: list[str] = field(default_factory=list)
     cwd: str = ""
     user: str = ""
     tty: bool = False
@@ -188,11 +188,8 @@ class Process:
                 f"process did not start: {self.id}: no Started within {timeout:g} s; "
                 "BuildKit may be overloaded or the container is gone"
             )
-        failure = self._start_failure or self._lost
-        if failure is not None:
-            raise ContainerError(f"process could not start: {self.id}: {failure}")
-        if self.config.tty and self.config.rows and self.config.cols:
-            self.resize(self.config.rows, self.config.cols)
+        if self._start_failure is not None:
+            raise ContainerError(f"process could not start: {self.id}: {self._start_failure}")
 
     def _requests(self) -> Iterator[Any]:
         # ends (half-closes the stream) only after Done or when the process is abandoned
@@ -239,6 +236,9 @@ class Process:
 
     def _on_first_frame(self, kind: str, msg: Any) -> None:
         if kind == "Started":
+            if self.config.tty and self.config.rows and self.config.cols:
+                size = gateway_pb2.ResizeMessage(Rows=self.config.rows, Cols=self.config.cols)
+                self._send(gateway_pb2.ExecMessage(ProcessID=self.id, Resize=size))
             self._started.set()
             return
         if kind == "Exit":
@@ -267,7 +267,9 @@ class Process:
         self._outgoing.put(None)
 
     def _end_stream(self, reason: str) -> None:
-        if not self.exited.is_set():
+        if not self._started.is_set():
+            self._start_failure = reason
+        elif not self.exited.is_set():
             self._lost = reason
             logger.warning("process %s lost: %s", self.id, reason)
         elif not self.done.is_set():

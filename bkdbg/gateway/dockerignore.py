@@ -1,6 +1,6 @@
 """.dockerignore files and BuildKit's path patterns (moby/patternmatcher semantics).
 
-The rules, as patternmatcher v0.6 and its ignorefile package apply them:
+The rules, as patternmatcher v0.6.1 and its ignorefile package apply them:
 - lines starting with `#` are comments, blank lines are skipped, and each pattern is
   trimmed, cleaned like Go's filepath.Clean and loses a leading `/`;
 - `*` and `?` match within one path element, `[...]` is a bracket expression, and `**`

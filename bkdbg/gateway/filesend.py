@@ -101,6 +101,9 @@ class FileSendService:
             index = 0  # BuildKit's own client falls back to exporter 0 as well
         destination = self._destinations.get(index)
         if destination is None or (destination.directory is None and destination.stream is None):
+            logger.warning(
+                "BuildKit sent the output of exporter %d, which has no destination", index
+            )
             context.abort(grpc.StatusCode.NOT_FOUND, f"exporter {index} not found")
         assert destination is not None
         return destination
@@ -120,6 +123,7 @@ class FileSendService:
         finally:
             receiver.close()
         if not receiver.finished:
+            logger.warning("export to %s: the stream ended before FIN", directory)
             context.abort(grpc.StatusCode.UNKNOWN, "the export stream ended before FIN")
         logger.info(
             "export to %s: %d entries, %d bytes",

@@ -58,7 +58,7 @@ class H2Stream:
 
 
 class CallOwner(Protocol):
-    """What a ServerContext needs from the server that runs its call."""
+    """The interface of the server that runs a ServerContext's call."""
 
     def add_callback(self, stream: H2Stream, callback: Callable[[], None]) -> bool: ...
 

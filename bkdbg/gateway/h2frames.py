@@ -42,7 +42,7 @@ class Outbox:
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._closed = False
 
     def put(self, data: bytes) -> None:

@@ -91,7 +91,7 @@ class H2Server:
         self._handlers = list(handlers)
         self._executor = executor
         self._decoder = Decoder()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._streams: dict[int, H2Stream] = {}
         self._buffer = bytearray()
         self._preface_seen = False

@@ -126,6 +126,7 @@ class Session:
         self._started = False
         self._closed = False
         self._first_bytes = threading.Event()
+        self._start_settled = threading.Event()  # set on the first bytes or the stream's end
         self._ended = threading.Event()
         self._end_error: grpc.RpcError | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
@@ -191,7 +192,7 @@ class Session:
 
     def _wait_started(self) -> None:
         """Wait for BuildKit's HTTP/2 preface, the first bytes it sends on a new session."""
-        self._first_bytes.wait(START_TIMEOUT)
+        self._start_settled.wait(START_TIMEOUT)
         if self._first_bytes.is_set():
             return
         if self._end_error is not None:
@@ -201,6 +202,11 @@ class Session:
                 f"Control.Session failed: BuildKit returned {code.name}: {details}: "
                 "check that BuildKit runs and accepts sessions"
             ) from self._end_error
+        if self._ended.is_set():
+            raise BuildkitError(
+                "Control.Session failed: BuildKit ended the session at once: "
+                "check the BuildKit daemon's log"
+            )
         raise BuildkitError(
             f"Control.Session failed: BuildKit sent nothing in {START_TIMEOUT:.0f} s: "
             "check that BuildKit is healthy and retry"
@@ -217,6 +223,7 @@ class Session:
         try:
             for message in self._call:
                 self._first_bytes.set()
+                self._start_settled.set()
                 self._server.feed(message.data)
         except grpc.RpcError as exc:
             self._end_error = exc
@@ -227,6 +234,7 @@ class Session:
             self._call.cancel()
         finally:
             self._ended.set()
+            self._start_settled.set()
             self._server.close()
 
     def close(self) -> None:

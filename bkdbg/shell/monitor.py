@@ -12,8 +12,10 @@ script runner to stop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, NoReturn
@@ -117,6 +119,10 @@ class Monitor(cmd2.Cmd):
         # cmd2 saves it only at interpreter exit (atexit); saving now keeps it when this
         # process is later killed, e.g. while attached to a container again
         self._persist_history()
+        if self.persistent_history_file:
+            # typed commands can name hosts and files; keep them private like the logs
+            with contextlib.suppress(OSError):
+                os.chmod(self.persistent_history_file, 0o600)
 
     def pre_prompt(self) -> None:
         self._idle.set()

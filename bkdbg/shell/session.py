@@ -80,6 +80,9 @@ def run_piped(ws: Workspace, process_id: str) -> int:
     """
     outcome = ws.attach(process_id)
     if outcome.end is AttachEnd.EXITED:
+        if outcome.message:
+            # the server says why the process ended (released, command not found)
+            ws.say(f"bkdbg: process {outcome.process_id}: {outcome.message}")
         ws.leave(end_session=True)
         return outcome.code
     status = report(ws, outcome)

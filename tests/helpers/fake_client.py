@@ -132,7 +132,11 @@ class FakeClient:
         return self._new_process(["sh"], tty=True)
 
     def exec(
-        self, args: list[str], env: list[str] | None = None, user: str = "", cwd: str = "",
+        self,
+        args: list[str],
+        env: list[str] | None = None,
+        user: str = "",
+        cwd: str = "",
         tty: bool = False,
     ) -> str:
         self.calls.append(("exec", list(args), list(env or []), user, cwd, tty))
@@ -145,8 +149,13 @@ class FakeClient:
         return process_id
 
     def attach(
-        self, process_id: str = "", tty: bool = False, rows: int = 0, cols: int = 0,
-        read_only: bool = False, replay: bool = True,
+        self,
+        process_id: str = "",
+        tty: bool = False,
+        rows: int = 0,
+        cols: int = 0,
+        read_only: bool = False,
+        replay: bool = True,
     ) -> FakeStream:
         self.calls.append(("attach", process_id, rows, cols, replay))
         process = self._process(process_id)

@@ -1,0 +1,216 @@
+"""`bkdbg build --invoke` through a real pty and through pipes, against the real BuildKit.
+
+Each test checks that no build container is left running (`no_leaked_containers`) and
+that the server it started is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TEST_IMAGE
+from tests.helpers.pty import PtySession, pty_env, spawn_pty
+
+pytestmark = [pytest.mark.pty, pytest.mark.slow]
+
+PROMPT = "/ # "  # busybox sh as root
+MONITOR_PROMPT = "(bkdbg)"
+BUILD_TIMEOUT = 60.0
+INSTANCE_WAIT = 10.0
+BKDBG = [sys.executable, "-m", "bkdbg"]
+
+DOCKERFILE = f"FROM {TEST_IMAGE}\nRUN echo hello > /hello\n"
+
+
+@pytest.fixture
+def root() -> Path:
+    return Path(os.environ["BKDBG_ROOT"])
+
+
+@pytest.fixture
+def env(buildkit_addr: str) -> dict[str, str]:
+    environ = pty_env()
+    environ["BUILDKIT_HOST"] = buildkit_addr
+    environ["PROMPT_TOOLKIT_NO_CPR"] = "1"  # pexpect does not answer cursor position requests
+    return environ
+
+
+@pytest.fixture
+def context(make_context) -> Path:
+    return make_context(DOCKERFILE)
+
+
+def instances(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def wait_no_instances(root: Path) -> list[str]:
+    deadline = time.monotonic() + INSTANCE_WAIT
+    while instances(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return instances(root)
+
+
+@contextmanager
+def shell(context: Path, env: dict[str, str], *flags: str) -> Iterator[PtySession]:
+    argv = [*BKDBG, "build", "--progress", "plain", *flags, "--invoke", "sh", str(context)]
+    with spawn_pty(argv, env=env) as term:
+        term.expect_exact(PROMPT, timeout=BUILD_TIMEOUT)
+        yield term
+
+
+@pytest.fixture(autouse=True)
+def stop_servers(root: Path, env: dict[str, str], no_leaked_containers: None) -> Iterator[None]:
+    """Kill the servers a failed test left, before `no_leaked_containers` looks."""
+    yield
+    if instances(root):
+        subprocess.run([*BKDBG, "kill", "--all"], env=env, timeout=30, check=False)
+
+
+def test_shell_session(context, env, root):
+    # the first line of `stty -a` holds the window size, which this test changes
+    script = (
+        "stty -a | tail -n +2 > before.txt; "
+        f"{shlex.join(BKDBG)} build --progress plain --invoke sh {shlex.quote(str(context))}; "
+        "echo rc=$?; stty -a | tail -n +2 > after.txt; "
+        "cmp before.txt after.txt && echo terminal-same"
+    )
+    with spawn_pty(["sh", "-c", script], cwd=context, env=env) as term:
+        term.expect_exact(PROMPT, timeout=BUILD_TIMEOUT)
+
+        term.sendline("cat /hello")
+        term.expect_exact("hello\r\n")
+
+        term.sendline("stty size")
+        term.expect_exact("24 80\r\n")
+        term.resize(30, 100)
+        time.sleep(0.3)
+        term.sendline("stty size")
+        term.expect_exact("30 100\r\n")
+
+        # the shell prints not-2-interrupted only if sleep ran to its end
+        term.sendline("sleep 30; echo not-$((1 + 1))-interrupted")
+        time.sleep(0.5)
+        started = time.monotonic()
+        term.sendcontrol("c")
+        term.sendline("echo after-interrupt")
+        term.expect_exact("after-interrupt\r\n", timeout=5)
+        assert time.monotonic() - started < 5
+        assert "not-2-interrupted" not in term.output
+
+        term.sendline("exit 3")
+        term.expect_exact(
+            "Process p1 (sh) exited with status 3; type reload, rollback, exec or exit"
+        )
+        term.expect_exact(MONITOR_PROMPT)
+        term.sendline("exit")
+        term.expect_exact("rc=3")
+        term.expect_exact("terminal-same")
+        assert term.close() == 0
+    assert wait_no_instances(root) == []
+
+
+def test_monitor_reload_and_rollback(context, env, root):
+    with shell(context, env) as term:
+        term.sendline("echo scratch > /scratch; echo written")
+        term.expect_exact("written\r\n")
+        term.sendcontrol("a")
+        term.send("c")
+        term.expect_exact(MONITOR_PROMPT)
+
+        term.sendline("rollback")
+        term.expect_exact(PROMPT, timeout=BUILD_TIMEOUT)
+        term.sendline("ls /scratch || echo scratch-gone")
+        term.expect_exact("scratch-gone\r\n")
+
+        (context / "Dockerfile").write_text(DOCKERFILE + "RUN echo reloaded > /new\n")
+        term.sendcontrol("a")
+        term.send("c")
+        term.expect_exact(MONITOR_PROMPT)
+        term.sendline("reload")
+        term.expect_exact(PROMPT, timeout=BUILD_TIMEOUT)
+        term.sendline("cat /new")
+        term.expect_exact("reloaded\r\n")
+
+        term.sendcontrol("a")
+        term.send("c")
+        term.expect_exact(MONITOR_PROMPT)
+        term.sendline("exit")
+        assert term.close() == 0
+    assert wait_no_instances(root) == []
+
+
+def test_pipes(context, env, root):
+    result = subprocess.run(
+        [*BKDBG, "build", "--invoke", "sh", str(context)],
+        input="cat /hello\nexit 4\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert result.stdout == "hello\n"
+    assert result.returncode == 4
+    assert "Traceback" not in result.stderr
+    assert wait_no_instances(root) == []
+
+
+def test_missing_command(context, env, root):
+    result = subprocess.run(
+        [*BKDBG, "build", "--progress", "quiet", "--invoke", "no-such-cmd", str(context)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bkdbg: ")]
+    assert len(errors) == 1, result.stderr
+    assert "no-such-cmd" in errors[0]
+    assert wait_no_instances(root) == []
+
+
+def test_failing_build(make_context, env, root):
+    context = make_context(f"FROM {TEST_IMAGE}\nRUN echo one > /one\nRUN exit 7\n")
+    result = subprocess.run(
+        [*BKDBG, "build", "--progress", "plain", str(context)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("bkdbg: error: ")
+    assert "exit code: 7" in lines
+    assert any("Dockerfile:3" in line for line in lines)
+    assert wait_no_instances(root) == []
+
+
+def test_on_error_shell_in_failed_state(make_context, env, root):
+    context = make_context(
+        f"FROM {TEST_IMAGE}\nRUN echo one > /one\nRUN echo two > /two && exit 7\n"
+    )
+    result = subprocess.run(
+        [*BKDBG, "build", "--progress", "quiet", "--invoke", "sh", "--on", "error", str(context)],
+        input="cat /one /two\nexit 5\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert result.stdout == "one\ntwo\n"
+    assert result.returncode == 5
+    assert "exit code: 7" in result.stderr.splitlines()
+    assert wait_no_instances(root) == []
