@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_DOCKER_HOST = "unix:///run/bkdbg-buildkit/docker.sock"
 # made by scripts/local-buildkit.sh start; it exists only in the local engine, so no registry
 BASE_IMAGE = "bkdbg-test/busybox:latest"
@@ -174,14 +173,6 @@ def require_engine(engine: Engine) -> str:
         ) from exc
 
 
-def engine_alive(engine: Engine) -> bool:
-    try:
-        engine.version()
-    except (OSError, RuntimeError, http.client.HTTPException, ValueError):
-        return False
-    return True
-
-
 # ---------------------------------------------------------------- build cache cleanup
 
 
@@ -322,7 +313,7 @@ def run_checked(argv: Sequence[str], env: dict[str, str], timeout: float) -> flo
 
 
 class BkdbgRoot:
-    """A fresh BKDBG_ROOT under /tmp, so the benchmark sees only its own bkdbg servers.
+    """A fresh BKDBG_ROOT under /tmp, so the benchmark finds only its own bkdbg servers.
 
     On close, any server still running is reported and stopped (SIGTERM, then SIGKILL), and
     the directory is removed.
@@ -439,9 +430,9 @@ class ProcessUsage:
 class PeakRssMonitor:
     """Sample the peak RSS (VmHWM) of a process tree while a command runs.
 
-    The tree is the process `root_pid`, its descendants, and every process whose command
-    line contains `marker` with their descendants: a bkdbg client starts its server in a
-    new session, and the server outlives the client, so it is found by its `--root`.
+    The tree is the process `root_pid`, every process whose command line contains `marker`,
+    and their descendants. A bkdbg client starts its server in a new session, and the
+    server outlives the client, so the server is found by the `--root` in its command line.
     VmHWM is the kernel's high-water mark of each process, so sampling every `interval`
     seconds misses only growth within the last interval before a process exits.
     """
@@ -449,7 +440,7 @@ class PeakRssMonitor:
     root_pid: int
     marker: bytes
     interval: float = 0.05
-    peaks: dict[int, ProcessUsage] = field(default_factory=dict)
+    usage_by_pid: dict[int, ProcessUsage] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -458,12 +449,12 @@ class PeakRssMonitor:
         self._thread.start()
 
     def stop(self) -> dict[int, ProcessUsage]:
-        """Take a last sample, stop sampling and return the peaks by pid."""
+        """Take a last sample, stop sampling and return the usage by pid."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self._sample()
-        return self.peaks
+        return self.usage_by_pid
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -474,15 +465,15 @@ class PeakRssMonitor:
             hwm = _vm_hwm_kib(pid)
             if hwm is None:
                 continue
-            usage = self.peaks.get(pid)
+            usage = self.usage_by_pid.get(pid)
             if usage is None:
-                usage = self.peaks[pid] = ProcessUsage(pid, _process_label(pid))
+                usage = self.usage_by_pid[pid] = ProcessUsage(pid, _process_label(pid))
             usage.peak_kib = max(usage.peak_kib, hwm)
             usage.cpu_seconds = max(usage.cpu_seconds, _cpu_seconds(pid))
 
     def _members(self) -> set[int]:
         parents = _parent_map()
-        members = {self.root_pid} | set(self.peaks)
+        members = {self.root_pid} | set(self.usage_by_pid)
         for pid in parents:
             if self.marker in _cmdline(pid):
                 members.add(pid)
@@ -504,7 +495,7 @@ def _parent_map() -> dict[int, int]:
             stat = Path(f"/proc/{entry.name}/stat").read_text()
         except OSError:
             continue
-        # /proc/PID/stat is "pid (comm) state ppid ..."; comm may contain spaces
+        # /proc/PID/stat starts with "pid (comm) state ppid", and comm may contain spaces
         fields = stat.rpartition(")")[2].split()
         if len(fields) > 1:
             parents[int(entry.name)] = int(fields[1])
@@ -534,7 +525,7 @@ def _cpu_seconds(pid: int) -> float:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    # after "(comm)" come state, ppid, ... ; utime and stime are fields 14 and 15 of proc(5)
+    # utime and stime are fields 14 and 15 of /proc/PID/stat (proc(5)), so 12 and 13 after "(comm)"
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -551,17 +542,17 @@ def _process_label(pid: int) -> str:
     return "bkdbg client" if name == "bkdbg" else name
 
 
-def summarize_peaks(peaks: dict[int, ProcessUsage]) -> dict[str, int]:
+def summarize_peaks(usage_by_pid: dict[int, ProcessUsage]) -> dict[str, int]:
     """Return the highest peak RSS in KiB per process label (client, server, ...)."""
     by_label: dict[str, int] = {}
-    for usage in peaks.values():
+    for usage in usage_by_pid.values():
         by_label[usage.name] = max(by_label.get(usage.name, 0), usage.peak_kib)
     return by_label
 
 
-def summarize_cpu(peaks: dict[int, ProcessUsage]) -> dict[str, float]:
+def summarize_cpu(usage_by_pid: dict[int, ProcessUsage]) -> dict[str, float]:
     """Return the CPU seconds per process label, summed over processes with that label."""
     by_label: dict[str, float] = {}
-    for usage in peaks.values():
+    for usage in usage_by_pid.values():
         by_label[usage.name] = by_label.get(usage.name, 0.0) + usage.cpu_seconds
     return by_label

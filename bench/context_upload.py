@@ -4,10 +4,10 @@ Each round writes two fresh contexts, one per tool, of 20,000 small files (100 p
 directory) plus one 200 MB file, all random bytes. A fresh directory gets a new
 local-source cache key in BuildKit and new content misses the COPY cache, so every
 build uploads the whole context. The Dockerfile is `FROM scratch` + `COPY . DEST`, so the
-upload and the copy are all the work there is. The tools run interleaved, alternating
-which goes first, and the result stays in the build cache for both: bkdbg keeps it there
-when no output is given, and buildx gets `--output type=cacheonly`, because its docker
-driver would otherwise also load a 200 MB image into the engine's image store.
+upload and the copy are all the work there is. The tools run interleaved, and the first
+tool alternates from round to round. The result stays in the build cache for both. bkdbg
+keeps it there when no output is given, and buildx gets `--output type=cacheonly`,
+because its docker driver would otherwise also load a 200 MB image into the image store.
 
 Peak RSS is sampled for both tools' whole process trees (bkdbg: the client and the
 detached server that uploads the context). It is measured at the full size during the
@@ -152,14 +152,14 @@ def timed_build(argv: list[str], env: dict[str, str], marker: str) -> Sample:
         process.wait()
         raise
     finally:
-        peaks = monitor.stop()
+        usage_by_pid = monitor.stop()
     elapsed = time.perf_counter() - started
     if process.returncode != 0:
         raise RuntimeError(
             f"{' '.join(argv)} exited {process.returncode}: "
             f"{stderr.decode(errors='replace')[-800:].strip()}"
         )
-    return Sample(elapsed, summarize_peaks(peaks), summarize_cpu(peaks))
+    return Sample(elapsed, summarize_peaks(usage_by_pid), summarize_cpu(usage_by_pid))
 
 
 def build_once(tool: str, context: Path, root: BkdbgRoot, engine: Engine) -> Sample:

@@ -1,6 +1,6 @@
 """Benchmark the interactive container: `bkdbg build --invoke` against `docker buildx debug`.
 
-Three figures per tool, on one cached build of a busybox image that holds a 256 MiB file:
+Three figures per tool, on one cached build of a busybox image that contains a 256 MiB file:
 
 1. prompt time: from starting the command on a pty to busybox's `/ # ` prompt;
 2. keystroke echo: one character written to the pty until the shell's echo of it is read
@@ -57,13 +57,14 @@ DEFAULT_ROUNDS = 5
 DEFAULT_KEYSTROKES = 100
 BIG_FILE = "/bkdbg-bench-big"  # a path no other build uses, so cleanup finds our records
 BIG_SIZE = 256 * 1024 * 1024
-# zeros, so that buildx's launch messages on the same stdout (text, no NUL) can be told apart
+# zeros, so that the data can be counted apart from buildx's launch messages on the same
+# stdout, which are text without NUL bytes
 DOCKERFILE = f"FROM {BASE_IMAGE}\nRUN head -c {BIG_SIZE} /dev/zero > {BIG_FILE}\n"
 SHELL_PROMPT = b"/ # "
 # without the trailing space: bkdbg's prompt_toolkit prompt moves the cursor after "(bkdbg)"
 MONITOR_PROMPTS = {"bkdbg": b"(bkdbg)", "buildx": b"(buildx)"}
-# a cursor position request (busybox's line editing and prompt_toolkit send it) and the
-# answer a terminal gives; without an answer prompt_toolkit waits, then prints a warning
+# busybox's line editor and prompt_toolkit send a cursor position request, and a terminal
+# replies with a report. Without the reply, prompt_toolkit waits and then prints a warning.
 CURSOR_POSITION_REQUEST = b"\x1b[6n"
 CURSOR_POSITION_REPORT = b"\x1b[1;1R"
 EXPECT_TIMEOUT = 60.0  # seconds for a prompt to appear; the first build may take a while
@@ -154,7 +155,7 @@ def spawn(argv: list[str], env: dict[str, str]) -> pexpect.spawn[bytes]:
 
 
 def expect(child: pexpect.spawn[bytes], text: bytes | type[pexpect.EOF], what: str) -> None:
-    """Wait for `text`, answering cursor position requests meanwhile as a terminal does.
+    """Wait for `text`, replying to cursor position requests meanwhile as a terminal does.
 
     Raises RuntimeError with the output tail when `text` does not come.
     """
@@ -504,7 +505,7 @@ def main() -> int:
             finally:
                 if "bkdbg" in results:
                     print(f"bkdbg list at the end: {root.sessions_listed() or '(empty)'}")
-        # after the root is closed, so no bkdbg server holds the result any more
+        # after the root is closed, so that no bkdbg server still uses the cached result
         prune_benchmark_cache(engine)
     report(results)
     print(f"load average at the end: {load_text()}")

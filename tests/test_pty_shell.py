@@ -149,10 +149,9 @@ def test_tab_completion(root, context):
         time.sleep(0.5)  # the completion cache's first refresh, at the prompt's start
         term.send(f"kill {instance_id[:3]}\t")
         term.expect_exact(instance_id[3:])  # the part that completion inserted
-        assert f"kill {instance_id}" in term.output
-        term.sendcontrol("u")
-        term.sendline("detach")
-        term.expect_exact(f"bkdbg attach {instance_id}")
+        term.sendline("")
+        term.expect_exact(f"killed server {instance_id}")
+        term.sendline("exit")
         assert term.close() == 0
 
 
