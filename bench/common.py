@@ -33,6 +33,9 @@ BASE_IMAGE = "bkdbg-test/busybox:latest"
 FOREIGN_ENV = ("BUILDKIT_HOST", "DOCKER_CONTEXT", "BUILDX_BUILDER", "BKDBG_ADDR", "BKDBG_ROOT")
 HTTP_TIMEOUT = 30.0  # seconds for one request to the engine's API
 SERVER_EXIT_TIMEOUT = 10.0  # seconds that a bkdbg server gets to exit after its session ends
+# seconds of rest between two measurements, so that the engine has finished releasing the
+# previous build's containers and references before the next one starts
+SETTLE_SECONDS = 1.0
 MB = 1_000_000  # throughput and sizes are printed in MB (10^6 bytes)
 TOOLS = ("bkdbg", "buildx")
 
@@ -66,6 +69,11 @@ def make_parser(description: str, default_rounds: int) -> argparse.ArgumentParse
     )
     parser.set_defaults(tools=None)
     return parser
+
+
+def settle() -> None:
+    """Pause between two measurements; see SETTLE_SECONDS."""
+    time.sleep(SETTLE_SECONDS)
 
 
 def selected_tools(args: argparse.Namespace) -> list[str]:

@@ -44,6 +44,7 @@ from common import (
     ratio_text,
     require_engine,
     selected_tools,
+    settle,
     summarize_cpu,
     summarize_peaks,
     warn_if_busy,
@@ -208,6 +209,7 @@ def run_rounds(
         # alternate which tool goes first, so neither always meets a busier engine
         order = list(results) if round_index % 2 == 0 else list(reversed(results))
         for tool in order:
+            settle()
             sample = build_once(tool, contexts[tool], root, engine)
             results[tool].append(sample)
             print(

@@ -1,8 +1,9 @@
 """Benchmark the interactive container: `bkdbg build --invoke` against `docker buildx debug`.
 
-Three figures per tool, on one cached build of a busybox image that contains a 256 MiB file:
+Three figures per tool, on cached builds of two busybox images, a small one (2 MB) and a
+large one that also contains a 256 MiB file:
 
-1. prompt time: from starting the command on a pty to busybox's `/ # ` prompt;
+1. prompt time: from starting the command on a pty to busybox's `/ # ` prompt, per image;
 2. keystroke echo: one character written to the pty until the shell's echo of it is read
    back, many times per session;
 3. throughput: `cat` of the 256 MiB file with stdout to a pipe. bkdbg runs it with
@@ -49,6 +50,7 @@ from common import (
     require_engine,
     run_checked,
     selected_tools,
+    settle,
     warn_if_busy,
 )
 
@@ -57,9 +59,13 @@ DEFAULT_ROUNDS = 5
 DEFAULT_KEYSTROKES = 100
 BIG_FILE = "/bkdbg-bench-big"  # a path no other build uses, so cleanup finds our records
 BIG_SIZE = 256 * 1024 * 1024
+SMALL_FILE = "/bkdbg-bench-small"
 # zeros, so that the data can be counted apart from buildx's launch messages on the same
 # stdout, which are text without NUL bytes
-DOCKERFILE = f"FROM {BASE_IMAGE}\nRUN head -c {BIG_SIZE} /dev/zero > {BIG_FILE}\n"
+DOCKERFILES = {
+    "small": f"FROM {BASE_IMAGE}\nRUN echo bkdbg-bench > {SMALL_FILE}\n",
+    "large": f"FROM {BASE_IMAGE}\nRUN head -c {BIG_SIZE} /dev/zero > {BIG_FILE}\n",
+}
 SHELL_PROMPT = b"/ # "
 # without the trailing space: bkdbg's prompt_toolkit prompt moves the cursor after "(bkdbg)"
 MONITOR_PROMPTS = {"bkdbg": b"(bkdbg)", "buildx": b"(buildx)"}
@@ -81,7 +87,9 @@ CTRL_A_C = b"\x01c"  # buildx's and bkdbg's key for the monitor
 class ToolResults:
     """Everything measured for one tool."""
 
-    prompt_seconds: list[float] = field(default_factory=list)
+    prompt_seconds: dict[str, list[float]] = field(
+        default_factory=lambda: {image: [] for image in DOCKERFILES}
+    )
     echo_seconds: list[float] = field(default_factory=list)
     stream_rates: list[float] = field(default_factory=list)  # bytes per second
     command_seconds: list[float] = field(default_factory=list)  # until the data ended
@@ -365,26 +373,31 @@ def run_rounds(
     keystrokes: int,
     root: BkdbgRoot,
     engine: Engine,
-    context: Path,
+    contexts: dict[str, Path],
 ) -> None:
-    """Run a warm-up session per tool, then the rounds with the tools interleaved."""
+    """Run a warm-up session per tool and image, then the rounds with the tools interleaved."""
     tools = list(results)
     for tool in tools:
-        step = partial(warm_up_round, tool, root, engine, context)
-        attempt(tool, "warm-up session", results[tool], root, step)
+        for image, context in contexts.items():
+            step = partial(warm_up_round, tool, root, engine, context)
+            attempt(tool, f"warm-up session, {image} image", results[tool], root, step)
     for index in range(rounds):
         # alternate which tool goes first, so neither always meets a busier engine
         for tool in tools if index % 2 == 0 else tools[::-1]:
-            step = partial(session_round, tool, keystrokes, root, engine, context, results[tool])
-            attempt(tool, f"round {index + 1}", results[tool], root, step)
+            for image in contexts:
+                step = partial(
+                    session_round, tool, image, keystrokes, root, engine, contexts, results[tool]
+                )
+                attempt(tool, f"round {index + 1}, {image} image", results[tool], root, step)
     for index in range(rounds):
         for tool in tools if index % 2 == 0 else tools[::-1]:
-            step = partial(cat_round, tool, root, engine, context, results[tool])
+            step = partial(cat_round, tool, root, engine, contexts["large"], results[tool])
             attempt(tool, f"cat round {index + 1}", results[tool], root, step)
 
 
 def attempt(tool: str, label: str, results: ToolResults, root: BkdbgRoot, step: Step) -> None:
     """Run one measurement, recording a failure instead of ending the benchmark."""
+    settle()
     try:
         print(f"  {label} {tool}: {step()}")
     except (RuntimeError, subprocess.TimeoutExpired, pexpect.ExceptionPexpect, OSError) as exc:
@@ -400,10 +413,16 @@ def warm_up_round(tool: str, root: BkdbgRoot, engine: Engine, context: Path) -> 
 
 
 def session_round(
-    tool: str, keystrokes: int, root: BkdbgRoot, engine: Engine, context: Path, results: ToolResults
+    tool: str,
+    image: str,
+    keystrokes: int,
+    root: BkdbgRoot,
+    engine: Engine,
+    contexts: dict[str, Path],
+    results: ToolResults,
 ) -> str:
-    prompt, echoes = interactive_round(tool, root, engine, context, keystrokes)
-    results.prompt_seconds.append(prompt)
+    prompt, echoes = interactive_round(tool, root, engine, contexts[image], keystrokes)
+    results.prompt_seconds[image].append(prompt)
     results.echo_seconds.extend(echoes)
     return f"prompt {prompt:.3f} s, echo median {median(echoes) * 1000:.2f} ms"
 
@@ -422,13 +441,12 @@ def cat_round(
 
 def report(results: dict[str, ToolResults]) -> None:
     bkdbg, buildx = results.get("bkdbg", ToolResults()), results.get("buildx", ToolResults())
-    print("\nprompt time, cached build (s):")
-    for tool, result in results.items():
-        print(f"  {tool:6} {describe(result.prompt_seconds, 's', digits=3)}")
-    print(
-        f"  ratio bkdbg/buildx: {ratio_text(bkdbg.prompt_seconds, buildx.prompt_seconds)} "
-        "(target <= 1.0)"
-    )
+    for image in DOCKERFILES:
+        print(f"\nprompt time, cached build, {image} image (s):")
+        for tool, result in results.items():
+            print(f"  {tool:6} {describe(result.prompt_seconds[image], 's', digits=3)}")
+        ratio = ratio_text(bkdbg.prompt_seconds[image], buildx.prompt_seconds[image])
+        print(f"  ratio bkdbg/buildx: {ratio} (target <= 1.0)")
     print("keystroke echo round trip (ms):")
     for tool, result in results.items():
         print(f"  {tool:6} {describe(result.echo_seconds, 'ms', scale=1000)}")
@@ -448,34 +466,28 @@ def report(results: dict[str, ToolResults]) -> None:
 # ---------------------------------------------------------------- setup and cleanup
 
 
-def prepare_context(directory: Path, engine: Engine) -> Path:
-    """Write the benchmark's build context and build it once, so every round is cached."""
-    context = directory / "context"
-    context.mkdir()
-    (context / "Dockerfile").write_text(DOCKERFILE)
-    run_checked(
-        [
-            "docker",
-            "buildx",
-            "build",
-            "--progress",
-            "quiet",
-            "--output",
-            "type=cacheonly",
-            str(context),
-        ],
-        engine.docker_env(),
-        timeout=300,
-    )
-    return context
+def prepare_contexts(directory: Path, engine: Engine) -> dict[str, Path]:
+    """Write one build context per image and build each once, so every round is cached."""
+    contexts = {}
+    for image, dockerfile in DOCKERFILES.items():
+        contexts[image] = directory / image
+        contexts[image].mkdir()
+        (contexts[image] / "Dockerfile").write_text(dockerfile)
+        argv = ["docker", "buildx", "build", "--progress", "quiet", "--output", "type=cacheonly"]
+        run_checked([*argv, str(contexts[image])], engine.docker_env(), timeout=300)
+    return contexts
 
 
 def prune_benchmark_cache(engine: Engine) -> None:
-    """Remove the cache records whose description names BIG_FILE, which only this makes."""
+    """Remove the cache records whose description names BIG_FILE or SMALL_FILE.
+
+    Only this benchmark writes those paths.
+    """
     ours = [
         str(record["ID"])
         for record in cache_records(engine)
         if BIG_FILE in str(record.get("Description"))
+        or SMALL_FILE in str(record.get("Description"))
     ]
     deleted = prune_records(engine, ours)
     print(f"\npruned {deleted} of {len(ours)} build cache records made by this benchmark")
@@ -497,8 +509,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bkdbg-bench-invoke-") as scratch:
         with BkdbgRoot(engine) as root:
             try:
-                context = prepare_context(Path(scratch), engine)
-                run_rounds(results, args.rounds, args.keystrokes, root, engine, context)
+                contexts = prepare_contexts(Path(scratch), engine)
+                run_rounds(results, args.rounds, args.keystrokes, root, engine, contexts)
             except RuntimeError as exc:
                 print(f"bench: error: {exc}", file=sys.stderr)
                 return 1

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ ADDR_HELP = (
     "in a Docker Engine) or docker-container://NAME (default: $BUILDKIT_HOST, else "
     "unix:///run/buildkit/buildkitd.sock, else the Docker Engine)"
 )
+_OWN_HANDLER = "_bkdbg_client_log"  # marks the log handler that configure_logging added
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 Handler = Callable[[argparse.Namespace, Workspace], int]
 
@@ -93,11 +95,9 @@ def _build_command(
     parser.add_argument(
         "--detach",
         metavar="BOOL",
-        nargs="?",
-        const="true",
         default="true",
-        help="run the server as a detached process (true, the default) or inside this "
-        "process (false, for debugging bkdbg itself)",
+        help="--detach=false runs the server inside this process, for debugging bkdbg "
+        "itself (default: true, a detached server process)",
     )
     parser.add_argument(
         "--server-idle-timeout",
@@ -211,7 +211,20 @@ def configure_logging(debug: bool) -> None:
             "%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s"
         )
     )
+    # main() may run more than once in one process (tests): replace our handler
+    for previous in [h for h in root_logger.handlers if getattr(h, _OWN_HANDLER, False)]:
+        root_logger.removeHandler(previous)
+        previous.close()
+    setattr(handler, _OWN_HANDLER, True)
     root_logger.addHandler(handler)
+    threading.excepthook = _log_thread_crash
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    # a crash in a background thread goes to the log, not over the user's terminal
+    name = args.thread.name if args.thread is not None else "unknown"
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    logger.error("thread %s crashed", name, exc_info=exc_info)
 
 
 def _check_address(addr: str | None) -> None:
@@ -351,6 +364,15 @@ def _run_script(args: argparse.Namespace, ws: Workspace) -> int:
 # ---------------------------------------------------------------- main
 
 
+def _expand_bool_flags(argv: list[str]) -> list[str]:
+    """Turn `--detach` into `--detach true`, so that it never takes the next word as its value.
+
+    buildx's boolean flags take a value only as `--detach=false`; argparse would read
+    `--detach CONTEXT` as the value CONTEXT.
+    """
+    return [word for arg in argv for word in (["--detach", "true"] if arg == "--detach" else [arg])]
+
+
 def _serve(argv: Sequence[str]) -> int:
     from bkdbg.daemon.main import serve_main
 
@@ -380,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list[:1] == [SERVER_COMMAND]:
         return _serve(args_list[1:])
 
-    args = build_parser().parse_args(args_list)
+    args = build_parser().parse_args(_expand_bool_flags(args_list))
     configure_logging(args.debug)
     ws: Workspace | None = None
     try:

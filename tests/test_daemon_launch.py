@@ -135,12 +135,16 @@ def test_launch_child_dies(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launcher, "server_command", crashing)
     started = time.monotonic()
     with pytest.raises(ServerError) as caught:
-        DaemonClient.launch(root, debug=True)
+        DaemonClient.launch(root)
     message = str(caught.value)
     assert time.monotonic() - started < 5
     assert "exited with status 3" in message
-    assert "/log" in message
     assert "exploded on start" in message
+    logs = list(root.glob("*.log"))
+    assert len(logs) == 1
+    assert str(logs[0]) in message
+    assert "exploded on start" in logs[0].read_text()
+    assert [p for p in root.iterdir() if p.is_dir()] == []
 
 
 def test_launch_child_hangs(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +154,17 @@ def test_launch_child_hangs(root: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(launcher, "server_command", hanging)
     with pytest.raises(ServerError, match="did not start within 1 s"):
         DaemonClient.launch(root, timeout=1)
-    assert list(root.iterdir()) == []
+    assert [p.suffix for p in root.iterdir()] == [".log"]
+
+
+def test_debug_keeps_log(root: Path) -> None:
+    client = DaemonClient.launch(root, debug=True)
+    client.shutdown()
+    client.close()
+    kept = root / f"{client.instance_id}.log"
+    assert "stopped" in kept.read_text()
+    assert not client.paths.directory.exists()
+    assert list_instances(root) == []
 
 
 def test_connect_unknown_id(root: Path) -> None:

@@ -70,12 +70,20 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 def round_trip(sock: socket.socket, payload: bytes) -> bytes:
-    sock.sendall(payload)
+    # a payload larger than the socket buffers is sent from a thread, or sendall would
+    # block while the echo waits for this side to read
+    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+    if len(payload) > 64 * 1024:
+        sender.start()
+    else:
+        sock.sendall(payload)
     received = b""
     while len(received) < len(payload):
         chunk = sock.recv(65536)
         assert chunk, "connection closed before the echo arrived"
         received += chunk
+    if sender.is_alive():
+        sender.join()
     return received
 
 

@@ -40,7 +40,7 @@ def root() -> Path:
 def env(buildkit_addr: str) -> dict[str, str]:
     environ = pty_env()
     environ["BUILDKIT_HOST"] = buildkit_addr
-    environ["PROMPT_TOOLKIT_NO_CPR"] = "1"  # pexpect does not answer cursor position requests
+    environ["PROMPT_TOOLKIT_NO_CPR"] = "1"  # pexpect does not reply to cursor position requests
     return environ
 
 
@@ -77,7 +77,7 @@ def stop_servers(root: Path, env: dict[str, str], no_leaked_containers: None) ->
 
 
 def test_shell_session(context, env, root):
-    # the first line of `stty -a` holds the window size, which this test changes
+    # the first line of `stty -a` contains the window size, which this test changes
     script = (
         "stty -a | tail -n +2 > before.txt; "
         f"{shlex.join(BKDBG)} build --progress plain --invoke sh {shlex.quote(str(context))}; "

@@ -1,7 +1,7 @@
 """The terminal client through a real pty, against detached servers with the fake backend.
 
 The fake backend runs container processes as local processes, so these tests cover the
-client and server without BuildKit; `test_pty_buildkit.py` repeats the main flow on the
+client and server without BuildKit. `test_pty_buildkit.py` repeats the main flow on the
 real engine.
 """
 
@@ -46,7 +46,7 @@ def context(tmp_path: Path) -> Path:
 def bkdbg_env() -> dict[str, str]:
     env = pty_env()
     env["PYTHONPATH"] = str(REPO_ROOT)
-    # pexpect does not answer prompt_toolkit's cursor position requests
+    # pexpect does not reply to prompt_toolkit's cursor position requests
     env["PROMPT_TOOLKIT_NO_CPR"] = "1"
     return env
 
@@ -109,6 +109,15 @@ def test_monitor_escape_and_back(root, context):
         term.sendline("attach")
         term.sendline("echo back-in-the-shell")
         term.expect_exact("back-in-the-shell\r\n")
+
+        # Ctrl-a c at the prompt goes back to the process too
+        term.sendcontrol("a")
+        term.send("c")
+        term.expect_exact(MONITOR_PROMPT)
+        term.sendcontrol("a")
+        term.send("c")
+        term.sendline("echo back-again")
+        term.expect_exact("back-again\r\n")
         term.sendline("exit 0")
         term.expect_exact("exited with status 0")
         term.sendline("exit")

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -38,7 +39,6 @@ from bkdbg.daemon.instances import (
     ensure_root,
     find_instance,
     read_record,
-    remove_instance,
     resolve_root,
     server_alive,
     wait_pid_gone,
@@ -145,12 +145,7 @@ class DaemonClient:
         """Start a new detached server under `root` and connect to it."""
         root_path = ensure_root(resolve_root(root))
         paths = create_instance(root_path)
-        try:
-            spawn_server(paths, debug, idle_timeout, timeout)
-        except BkdbgError:
-            if not debug:
-                remove_instance(paths)
-            raise
+        spawn_server(paths, debug, idle_timeout, timeout)
         return cls.connect(root_path, paths.instance_id, name=name)
 
     @classmethod
@@ -370,7 +365,7 @@ class AttachStream:
     def signal(self, name: str) -> None:
         """Send a signal by name, with or without the SIG prefix; raises UsageError if unknown."""
         bare = name.upper().removeprefix("SIG")
-        if f"SIG{bare}" not in signal.Signals.__members__:
+        if f"SIG{bare}" not in signal.Signals.__members__ and not _REALTIME.match(bare):
             raise UsageError(f"unknown signal: {name}: use a name such as INT, TERM or KILL")
         self._send(pb.AttachInput(signal=bare))
 
@@ -475,6 +470,10 @@ def kill_instance(root: str | os.PathLike[str] | None, instance_id: str) -> str:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+# real-time signals by the names BuildKit accepts besides RTMIN and RTMAX
+_REALTIME = re.compile(r"^RT(MIN\+|MAX-)([1-9]|1[0-5])$")
 
 
 def _terminal(term: str | None, rows: int, cols: int) -> pb.Terminal:

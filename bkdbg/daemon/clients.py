@@ -114,7 +114,7 @@ class ClientRegistry:
             record.streams = max(0, record.streams - 1)
             self._last_activity = time.monotonic()
             if record.streams == 0:
-                logger.debug("client %s has no stream open", client_id)
+                logger.info("client %s has no stream open", client_id)
 
     def _record(self, client_id: str) -> ClientRecord:
         record = self._clients.get(client_id)

@@ -8,6 +8,7 @@ Layout, all owned by the user who runs bkdbg::
         .rpc              0600, the gRPC server's own socket, reached only through `sock`
         pid               the server's process id
         log               0600, the server's log (its stdout and stderr too)
+      ID.log              the log of a server that failed to start or ran with --debug
         meta.json         context, started (Unix seconds), version, in_process
 
 Modes are set explicitly after creation, so a permissive umask never loosens them.
@@ -348,6 +349,22 @@ def remove_instance(paths: InstancePaths) -> None:
     """Remove an instance directory and everything in it; a missing directory is fine."""
     shutil.rmtree(paths.directory, ignore_errors=True)
     logger.info("removed instance directory %s", paths.directory)
+
+
+def remove_keeping_log(paths: InstancePaths) -> Path:
+    """Move the instance's log to ROOT/ID.log, remove its directory, and return the log path.
+
+    `list_instances` ignores such files, so the log of a server that failed to start, or
+    ran with --debug, stays until the user deletes it.
+    """
+    kept = paths.root / f"{paths.instance_id}.log"
+    try:
+        os.replace(paths.log_file, kept)
+    except OSError as exc:
+        logger.warning("cannot keep the log %s: %s", paths.log_file, exc)
+        kept = paths.log_file
+    remove_instance(paths)
+    return kept
 
 
 def remove_runtime_files(paths: InstancePaths) -> None:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from bkdbg.daemon.instances import InstancePaths, open_private
+from bkdbg.daemon.instances import InstancePaths, open_private, remove_keeping_log
 from bkdbg.errors import ServerError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,11 @@ def server_command(paths: InstancePaths, debug: bool, idle_timeout: float | None
 
 def spawn_server(paths: InstancePaths, debug: bool = False, idle_timeout: float | None = None,
                  timeout: float = LAUNCH_TIMEOUT) -> subprocess.Popen[bytes]:
-    """Start the server of `paths` and wait until it serves; raises ServerError if it does not."""
+    """Start the server of `paths` and wait until it serves.
+
+    Raises ServerError if it does not; the instance directory is then gone, and the
+    message names the log, kept as ROOT/ID.log.
+    """
     read_fd, write_fd = os.pipe()
     argv = server_command(paths, debug, idle_timeout, write_fd)
     try:
@@ -59,6 +63,9 @@ def spawn_server(paths: InstancePaths, debug: bool = False, idle_timeout: float 
     logger.info("started server %s as pid %d", paths.instance_id, process.pid)
     try:
         _wait_ready(read_fd, process, paths, timeout)
+    except ServerError as exc:
+        kept = remove_keeping_log(paths)
+        raise ServerError(str(exc).replace(str(paths.log_file), str(kept))) from None
     finally:
         os.close(read_fd)
     return process

@@ -86,6 +86,10 @@ class ManagedProcess:
         except BkdbgError as exc:
             code, message = 255, str(exc)
             logger.warning("process %s was lost: %s", self.id, exc)
+        except Exception as exc:
+            # a bug below us must still end the attach streams, or clients would hang
+            code, message = 255, f"internal error: {exc}"
+            logger.exception("waiting for process %s failed", self.id)
         with self._lock:
             self._all_eof.wait_for(lambda: _OUTPUT_FDS <= self._eof_fds, timeout=EOF_WAIT)
         self.finish(code, message)

@@ -24,6 +24,7 @@ from bkdbg.daemon.instances import (
     InstancePaths,
     check_socket_paths,
     remove_instance,
+    remove_keeping_log,
     remove_runtime_files,
     write_meta,
     write_pid,
@@ -140,9 +141,11 @@ class Server:
         if self._front is not None:
             self._front.close()
         remove_runtime_files(self.paths)
-        if not self.keep_log:
-            remove_instance(self.paths)
         logger.info("server %s stopped", self.paths.instance_id)
+        if self.keep_log:
+            remove_keeping_log(self.paths)
+        else:
+            remove_instance(self.paths)
 
     def note_context(self, context: str) -> None:
         """Record the build context in meta.json, for `bkdbg list` without a probe."""

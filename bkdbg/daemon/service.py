@@ -270,6 +270,7 @@ def _apply_input(request: pb.AttachInput, process: ManagedProcess,
         else:
             logger.warning("ignored a %s message from client %s after start",
                            kind, attachment.client_id)
-    except BkdbgError as exc:
+    except (BkdbgError, ValueError) as exc:
+        # ValueError: a signal name that the container runtime does not know
         logger.warning("%s for process %s from client %s failed: %s",
                        kind, process.id, attachment.client_id, exc)

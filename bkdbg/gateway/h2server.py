@@ -388,6 +388,9 @@ class H2Server:
             stream.finished = True
             self._streams.pop(stream.id, None)
             callbacks, stream.callbacks = stream.callbacks, []
+        # a handler thread may still read requests that will never come (the stream was
+        # reset after the trailers): end its iterator so that thread exits
+        stream.requests.put(None)
         _run_callbacks(callbacks)
 
     def add_callback(self, stream: H2Stream, callback: Callable[[], None]) -> bool:

@@ -1,7 +1,7 @@
 """Background threads of the monitor: the completion cache and the server event watcher.
 
-Completion must never wait for the server on a keystroke, so server and process ids come
-from `IdCache`, which a thread refreshes every few seconds and after each command.
+Completion makes no call to a server on a keystroke: server and process ids come from
+`IdCache`, which a thread refreshes every few seconds and after each command.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ class IdCache:
             except BkdbgError as exc:
                 values, error = [], str(exc)
                 logger.debug("completion cache: cannot list %s: %s", kind, exc)
+            except Exception as exc:
+                # the client may be closed under this thread (exit, kill, switching
+                # servers); completion then offers nothing instead of ending the thread
+                values, error = [], f"{type(exc).__name__}: {exc}"
+                logger.debug("completion cache: cannot list %s", kind, exc_info=True)
             with self._lock:
                 self._values[kind] = values
                 if error is None:
@@ -99,8 +104,8 @@ class ClosableStream(Protocol):
 class EventWatcher:
     """Pass each server event to a callback, in the thread `bkdbg-events`.
 
-    The stream ends when this client leaves the server or calls `stop()`, or when the
-    server goes away; only the last case calls `on_lost` with the reason.
+    The stream ends when this client leaves the server, calls `stop()`, or loses the
+    server. Only a lost server calls `on_lost`, with the reason.
     """
 
     def __init__(
@@ -132,6 +137,11 @@ class EventWatcher:
         except BkdbgError as exc:
             if not self._stopped:
                 self._on_lost(str(exc))
+        except Exception:
+            # a stream closed under this thread (ValueError from a closed channel) is
+            # expected after stop(); anything else is a bug, kept in the log
+            if not self._stopped:
+                raise
 
 
 class Expected:

@@ -56,6 +56,12 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
         """Build a context in a new server (the flags of bkdbg build) and make it current."""
         app = self._cmd
         options = build_options(args, tty=True)
+        previous = app.ws.current
+        if previous is not None:
+            app.poutput(
+                f"server {previous.instance_id} keeps running: "
+                f"bkdbg kill {previous.instance_id} stops it"
+            )
         options.addr = app.ws.addr
         options.tls = app.ws.tls
         return self._after_build("build", app.ws.build(options))

@@ -16,10 +16,10 @@ from bkdbg.shell.monitor import CATEGORY, Monitor, MonitorParser
 from bkdbg.shell.tables import ProcessRow, process_table
 
 
-def cached_choices(ids: list[str], error: str | None, what: str) -> Choices:
+def cached_choices(ids: list[str], error: str | None, subject: str) -> Choices:
     """Return completion choices from the cache; raise CompletionError if it cannot load."""
     if not ids and error:
-        raise CompletionError(f"cannot list {what}: {error}")
+        raise CompletionError(f"cannot list {subject}: {error}")
     return Choices.from_values(ids)
 
 

@@ -1,7 +1,7 @@
 """The monitor: the `(bkdbg) ` prompt, a cmd2 application.
 
 The commands live in command sets, one module per group (`cmd_build`, `cmd_process`,
-`cmd_server`); this module holds the application: errors, exit and detach, history,
+`cmd_server`); this module contains the application: errors, exit and detach, history,
 server events shown above the prompt, and the completion cache.
 
 A command that fails prints `<command>: <message>` and returns to the prompt. In a
@@ -24,6 +24,7 @@ import cmd2
 import platformdirs
 from cmd2 import Cmd2ArgumentParser, Statement, with_argparser
 from cmd2.plugin import PostcommandData, PrecommandData
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 from bkdbg.errors import BkdbgError
 from bkdbg.shell.background import EventWatcher, IdCache
@@ -97,6 +98,19 @@ class Monitor(cmd2.Cmd):
         self.register_precmd_hook(self._before_command)
         self.register_postcmd_hook(self._after_command)
         ws.switch_listeners.append(self._on_switch)
+        if not batch:
+            self._bind_escape()
+
+    def _bind_escape(self) -> None:
+        """Make `Ctrl-a c` at the prompt go back to the process, as it came from there."""
+        bindings = self.main_session.key_bindings
+        if not isinstance(bindings, KeyBindings):
+            return
+
+        @bindings.add("c-a", "c")
+        def _back_to_process(event: KeyPressEvent) -> None:
+            event.current_buffer.text = "attach"
+            event.current_buffer.validate_and_handle()
 
     # -- running
 

@@ -1,5 +1,7 @@
-"""The client's flows: after a build, attach to the process, report how that ended, and
-open the monitor; or, on pipes, run the process to its end and return its status.
+"""The client's flows after a build.
+
+On a terminal the client attaches to the process, reports how that ended and opens the
+monitor. On pipes it runs the process to its end and returns the process's status.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ TAKEN_OVER_LINE = "another client took over this session; you are at the monitor
 
 
 def detach_hint(instance_id: str) -> str:
-    """Return the line that tells how to come back to a detached server."""
+    """Return the line that shows how to return to a detached server."""
     return f"detached from server {instance_id}; it keeps running: bkdbg attach {instance_id}"
 
 
@@ -81,7 +83,7 @@ def run_piped(ws: Workspace, process_id: str) -> int:
     outcome = ws.attach(process_id)
     if outcome.end is AttachEnd.EXITED:
         if outcome.message:
-            # the server says why the process ended (released, command not found)
+            # the server's message gives the reason (released, command not found)
             ws.say(f"bkdbg: process {outcome.process_id}: {outcome.message}")
         ws.leave(end_session=True)
         return outcome.code

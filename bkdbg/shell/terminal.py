@@ -80,7 +80,15 @@ def raw_mode(fd: int) -> Iterator[None]:
             tty.setraw(fd, termios.TCSANOW)
             yield
         finally:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            _restore(fd, saved)
+
+
+def _restore(fd: int, saved: list[Any]) -> None:
+    try:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    except termios.error as exc:
+        # a terminal that hung up (closed window, dropped SSH) cannot be restored
+        logger.debug("cannot restore the terminal modes of fd %d: %s", fd, exc)
 
 
 @contextlib.contextmanager

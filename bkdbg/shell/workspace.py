@@ -49,7 +49,7 @@ SwitchListener = Callable[["Current | None"], None]
 class Workspace:
     """Everything a client session needs: root, flags, local I/O, the current server.
 
-    `expected` holds the server events this client caused and already showed, so the
+    `expected` contains the server events this client caused and already showed, so the
     monitor does not show them a second time.
     """
 
