@@ -34,8 +34,6 @@ class BkdbgError(Exception):
 class UsageError(BkdbgError):
     """Raised for bad user input: option values, CSV forms, paths, script lines."""
 
-    exit_code = 2
-
 
 class BuildkitUnreachable(BkdbgError):
     """Raised when no BuildKit answered at any of the addresses tried."""

@@ -174,7 +174,9 @@ LOCAL_CASES = {
     "attach-unknown-id": Case(
         lambda _c, _tmp: ["attach", "deadbeef"], _same("deadbeef"), r"bkdbg list"
     ),
-    "kill-unknown-id": Case(lambda _c, _tmp: ["kill", "deadbeef"], _same("deadbeef"), r"bkdbg list"),
+    "kill-unknown-id": Case(
+        lambda _c, _tmp: ["kill", "deadbeef"], _same("deadbeef"), r"bkdbg list"
+    ),
     "disconnect-unknown-id": Case(
         lambda _c, _tmp: ["disconnect", "deadbeef"], _same("deadbeef"), r"bkdbg list"
     ),

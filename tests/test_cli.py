@@ -173,7 +173,10 @@ def test_missing_secret_file(context, tmp_path, capsys):
 
 def test_detach_flag_takes_no_next_word(context, capsys):
     status, err = run_main(["build", "--detach", str(context), "--build-arg", "=x"], capsys)
-    assert (status, err) == (1, ["bkdbg: error: invalid --build-arg value: '=x': expected KEY=VALUE"])
+    assert (status, err) == (
+        1,
+        ["bkdbg: error: invalid --build-arg value: '=x': expected KEY=VALUE"],
+    )
 
 
 def test_usage_error_exits_2(capsys):

@@ -44,6 +44,7 @@ class FakeProcess:
         self.spec = spec
         self.sink = sink
         self.done = threading.Event()
+        self.command_not_found = False
         self._master: int | None = None
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd, "PS1": "$ "}
         env.update(item.split("=", 1) for item in spec.env if "=" in item)  # type: ignore[misc]

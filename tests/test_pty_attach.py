@@ -26,6 +26,8 @@ from bkdbg.shell.attach import AttachEnd, LocalIO, attach
 from bkdbg.shell.workspace import Current, Workspace
 from tests.helpers.fake_client import FakeClient, FakeStream
 
+pytestmark = pytest.mark.pty
+
 WAIT = 5.0
 
 

@@ -62,6 +62,11 @@ class ProcessHandle(Protocol):
 
     def wait(self, timeout: float | None = None) -> int: ...
 
+    @property
+    def command_not_found(self) -> bool:
+        """True when the process ended because its executable is not in the image."""
+        ...
+
 
 class ContainerHandle(Protocol):
     """A debug container on one build state."""

@@ -82,7 +82,7 @@ class ManagedProcess:
         assert self._handle is not None
         try:
             code = self._handle.wait()
-            message = ""
+            message = _not_found_message(self.args) if self._handle.command_not_found else ""
         except BkdbgError as exc:
             code, message = 255, str(exc)
             logger.warning("process %s was lost: %s", self.id, exc)
@@ -252,3 +252,11 @@ class ManagedProcess:
                 current=current,
                 attached_client=self._owner.client_id if self._owner else "",
             )
+
+
+def _not_found_message(args: list[str]) -> str:
+    command = args[0] if args else ""
+    return (
+        f"command not found in the image: {command}: "
+        "check the name, or pass --invoke a command the image has"
+    )

@@ -235,7 +235,7 @@ def _terminal(terminal: pb.Terminal) -> Terminal:
 
 
 def _outputs(attachment: Attachment) -> Iterator[pb.AttachOutput]:
-    while (message := attachment.queue.get()) is not None:
+    while (message := attachment.queue.get_joined()) is not None:
         yield attach_output_to_pb(message)
         if isinstance(message, TERMINAL_MESSAGES):
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,11 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pexpect
+
 from tests.helpers.pty import PtySession, pty_env, spawn_pty
 
 # the console script that `pip install -e .` put beside this Python, else the module
 _SCRIPT = Path(sys.executable).with_name("bkdbg")
 BKDBG: list[str] = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bkdbg"]
+BKDBG_SHELL = shlex.join(BKDBG)  # the same command line, for a shell
 
 COMMAND_TIMEOUT = 60.0  # seconds for one non-interactive bkdbg command
 BUILD_TIMEOUT = 60.0  # seconds for a build to reach the container prompt on a pty
@@ -259,3 +263,49 @@ def kill_client(term: PtySession) -> None:
     """Kill the bkdbg client on `term` with SIGKILL and reap it."""
     os.kill(term.child.pid, signal.SIGKILL)
     wait_for(lambda: not term.child.isalive(), STOP_TIMEOUT, "the killed client to exit")
+
+
+class OuterShell:
+    """An interactive bash on a pty, from which bkdbg runs as a user would start it.
+
+    It lets a test compare the terminal settings (`stty -g`) before and after bkdbg.
+    """
+
+    PROMPT = "outer$ "
+
+    def __init__(self, term: PtySession) -> None:
+        self.term = term
+        term.expect_exact(self.PROMPT)
+
+    def stty(self) -> str:
+        """Return `stty -g` of the pty, run at the bash prompt."""
+        # the typed line contains "$(stty -g)", which the pattern does not match
+        self.term.sendline("echo STTY-$(stty -g)-END")
+        self.term.child.expect(r"STTY-([0-9a-f:]+)-END")
+        settings = str(self.term.child.match.group(1))
+        self.term.expect_exact(self.PROMPT)
+        return settings
+
+    def start(self, command: str) -> None:
+        """Type `command` followed by an echo of its exit status."""
+        self.term.sendline(f"{command}; echo EXIT-$?-END")
+
+    def exit_status(self, timeout: float = 10.0) -> int:
+        """Wait for the exit status echoed after the command of `start`, then the prompt."""
+        # the typed line contains "EXIT-$?-END", which the pattern does not match
+        try:
+            self.term.child.expect(r"EXIT-(\d+)-END", timeout=timeout)
+        except (pexpect.TIMEOUT, pexpect.EOF):
+            self.term.fail(f"no exit status within {timeout}s")
+        status = int(self.term.child.match.group(1))
+        self.term.expect_exact(self.PROMPT)
+        return status
+
+
+@contextmanager
+def outer_shell(root: Path) -> Iterator[OuterShell]:
+    """Start bash (no rc files) on a pty with the prompt `outer$ `."""
+    env = bkdbg_pty_env(PS1=OuterShell.PROMPT)
+    with spawn_pty(["bash", "--norc", "--noprofile", "-i"], env=env) as term:
+        term.log_files = _LogFiles(root)  # type: ignore[assignment]
+        yield OuterShell(term)
