@@ -267,13 +267,18 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     ws.launcher = _launcher(ws, detach, idle_timeout)
 
     result = ws.build(options)
+    if result.process_id:
+        # a failed step's shell was started: the failed-step block already said why
+        if ws.local.interactive:
+            return session.interactive(ws, result.process_id)
+        return session.run_piped(ws, result.process_id)
     if result.error:
         ws.say(f"bkdbg: error: {result.error}")
-    if not result.process_id:
-        return session.finish_without_process(ws, result.ok and not result.error)
-    if ws.local.interactive:
-        return session.interactive(ws, result.process_id)
-    return session.run_piped(ws, result.process_id)
+    if result.error and options.invoke is not None and ws.local.interactive:
+        # no state to start a shell on (a failed COPY, say): keep the monitor, so the
+        # user can fix the context and reload
+        return session.interactive(ws, "")
+    return session.finish_without_process(ws, result.ok and not result.error)
 
 
 def _launcher(ws: Workspace, detach: bool, idle_timeout: float | None) -> Launcher:

@@ -1,8 +1,8 @@
-"""Debugging a failed step (issue 8) through the real `bkdbg` command and the real BuildKit.
+"""Debugging a failed step through the real `bkdbg` command and the real BuildKit.
 
-`--on error` starts the shell only when the build fails, in the state the failed command
-left; `rollback --init` restarts it on the state before that command ran. Each test checks
-that no server and no build container is left.
+`--on error` starts the shell only when the build fails, in the state that the failed
+command left. `rollback --init` restarts it on the state before that command ran. Each test
+checks that no server and no build container is left.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.helpers import TEST_IMAGE
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.pty, pytest.mark.slow]
 BKDBG = str(Path(sys.executable).with_name("bkdbg"))
 SHELL_PROMPT = "/work # "  # busybox sh as root in the step's WORKDIR
 ROOT_PROMPT = "/ # "
-MONITOR_PROMPT = "(bkdbg)"  # prompt_toolkit draws the space separately
+MONITOR_PROMPT = "(bkdbg)"  # the trailing space does not always follow it directly
 BUILD_TIMEOUT = 90.0
 INSTANCE_WAIT = 10.0
 
@@ -94,20 +95,20 @@ def to_monitor(term: PtySession) -> None:
 
 
 def run_in_shell(term: PtySession, command: str, marker: str) -> str:
-    """Type `command; echo marker` and return what it printed before the marker."""
+    """Type `command; echo marker` and return the output before the marker."""
     term.sendline(f"{command}; echo {marker}")
     term.expect_exact(f"{marker}\r\n")  # the echo of the typed line
     return term.expect_exact(f"{marker}\r\n").replace("\r", "")
 
 
 def failed_step_block(output: str) -> str:
-    """Return the printed output from the failed step's location to the rollback hint."""
+    """Return the output from the line naming the failed step to the rollback hint."""
     start = output.rindex("\n", 0, output.index("Dockerfile:5\n")) + 1
     end = output.index("rollback --init", start)
     return output[start : output.index("\n", end)]
 
 
-def test_shell_in_failed_state_then_rollback_init(failing, addr, env, root):
+def test_failed_state_and_rollback_init(failing, addr, env, root):
     argv = build_argv(addr, failing, "--invoke", "sh", "--on", "error")
     with spawn_pty(argv, env=env) as term:
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
@@ -118,6 +119,7 @@ def test_shell_in_failed_state_then_rollback_init(failing, addr, env, root):
         assert "exit code: 7" in block
         assert "command: /bin/sh -c 'echo partial > /partial" in block
         assert "Run the command again: /bin/sh -c" in block
+        assert "rollback --init restarts the shell" in block
         assert term.output.splitlines().count("exit code: 7") == 1  # one block
 
         seen = run_in_shell(term, "cat /early /partial /cache/c; pwd; echo FOO=$FOO", "m1")
@@ -128,8 +130,17 @@ def test_shell_in_failed_state_then_rollback_init(failing, addr, env, root):
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
         seen = run_in_shell(term, "cat /early; ls /partial 2>&1; pwd; echo FOO=$FOO", "m2")
         assert seen.splitlines() == [
-            "early", "ls: /partial: No such file or directory", "/work", "FOO=bar",
+            "early",
+            "ls: /partial: No such file or directory",
+            "/work",
+            "FOO=bar",
         ]
+
+        # plain rollback returns to the state that the failed command left
+        to_monitor(term)
+        term.sendline("rollback")
+        term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
+        assert run_in_shell(term, "cat /partial", "m3") == "partial\n"
 
         to_monitor(term)
         term.sendline("exit")
@@ -137,16 +148,15 @@ def test_shell_in_failed_state_then_rollback_init(failing, addr, env, root):
     assert wait_no_instances(root) == []
 
 
-def test_script_runs_in_failed_state(failing, addr, env, tmp_path, root):
+def test_script_execs_in_failed_state(failing, addr, env, tmp_path, root):
     script = tmp_path / "monitor.txt"
-    script.write_text(
-        f"build --on error --invoke sh {failing}\n"
-        "exec cat /partial\n"
-        "exec pwd\n"
-    )
+    script.write_text(f"build --on error --invoke sh {failing}\nexec cat /partial\nexec pwd\n")
     result = subprocess.run(
         [BKDBG, "--addr", addr, "run-script", str(script)],
-        capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
@@ -156,15 +166,19 @@ def test_script_runs_in_failed_state(failing, addr, env, tmp_path, root):
     assert wait_no_instances(root) == []
 
 
-def test_success_with_on_error_starts_nothing(make_context, addr, env, root):
+def test_on_error_success_starts_nothing(make_context, addr, env, root):
     context = make_context(FIXED)
     result = subprocess.run(
         build_argv(addr, context, "--invoke", "sh", "--on", "error"),
-        capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
+    assert "Process p" not in result.stderr
     assert "Traceback" not in result.stderr
     assert wait_no_instances(root) == []
 
@@ -179,16 +193,19 @@ NOT_RUN_FAILURES = {
 
 
 @pytest.mark.parametrize("kind", sorted(NOT_RUN_FAILURES))
-def test_failure_outside_run_piped(kind, make_context, addr, env, root):
+def test_non_run_failure_piped(kind, make_context, addr, env, root):
     line, instruction = NOT_RUN_FAILURES[kind]
     context = make_context(f"FROM {TEST_IMAGE}\nRUN echo early > /early\n{line}\n")
     result = subprocess.run(
         build_argv(addr, context),
-        capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 1
-    errors = [x for x in result.stderr.splitlines() if x.startswith("bkdbg: error: ")]
+    errors = [text for text in result.stderr.splitlines() if text.startswith("bkdbg: error: ")]
     assert len(errors) == 1, result.stderr
     assert f">>> {instruction}" in result.stderr
     assert "Dockerfile:3" in result.stderr
@@ -197,38 +214,57 @@ def test_failure_outside_run_piped(kind, make_context, addr, env, root):
 
 
 @pytest.mark.parametrize("kind", sorted(NOT_RUN_FAILURES))
-def test_failure_outside_run_monitor_usable(kind, make_context, addr, env, root):
+def test_non_run_failure_on_terminal(kind, make_context, addr, env, root):
     line, instruction = NOT_RUN_FAILURES[kind]
     context = make_context(f"FROM {TEST_IMAGE}\nRUN echo early > /early\n{line}\n")
     argv = build_argv(addr, context, "--invoke", "sh")
     with spawn_pty(argv, env=env) as term:
-        index = term.child.expect_exact([ROOT_PROMPT, MONITOR_PROMPT], timeout=BUILD_TIMEOUT)
+        index = term.child.expect_exact(
+            [ROOT_PROMPT, MONITOR_PROMPT, pexpect.EOF], timeout=BUILD_TIMEOUT
+        )
         assert f">>> {instruction}" in term.output
-        assert "Traceback" not in term.output
         if index == 0:
-            # BuildKit gave the last good state: the shell runs there
+            # BuildKit gave the state of the last good step, so the shell runs there
             assert run_in_shell(term, "cat /early", "m1") == "early\n"
             to_monitor(term)
+        if index < 2:
+            term.sendline("ps")
+            term.expect_exact(MONITOR_PROMPT)
+            term.sendline("exit")
         else:
-            assert "no debug shell" in term.output
-        term.sendline("ps")
-        term.expect_exact(MONITOR_PROMPT)
-        term.sendline("exit")
-        term.close()
+            # BuildKit names only the context ref it could not checksum, not the state
+            # before the step, so there is nothing to start a shell on
+            assert "no debug shell: BuildKit gave no state for the failed step" in term.output
+        status = term.close()
+
+    errors = [text for text in term.output.splitlines() if text.startswith("bkdbg: error: ")]
+    assert len(errors) <= 1
+    if index == 2:
+        assert status == 1
+        assert len(errors) == 1
     assert wait_no_instances(root) == []
 
 
-def test_reload_after_fix_lands_on_result(failing, addr, env, root):
+def test_reload_after_fix_reaches_result(failing, addr, env, root):
     argv = build_argv(addr, failing, "--invoke", "sh", "--on", "error")
     with spawn_pty(argv, env=env) as term:
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
-        (failing / "Dockerfile").write_text(FIXED)
+        run_in_shell(term, "echo mine > /mine", "m0")
 
+        # the build still fails, so a new shell starts in the new failed state
         to_monitor(term)
         term.sendline("reload")
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
-        seen = run_in_shell(term, "cat /early /partial", "m1")
-        assert seen.splitlines() == ["early", "partial"]
+        seen = run_in_shell(term, "cat /partial; ls /mine 2>&1", "m1")
+        assert seen.splitlines() == ["partial", "ls: /mine: No such file or directory"]
+
+        (failing / "Dockerfile").write_text(FIXED)
+        to_monitor(term)
+        term.sendline("reload")
+        term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
+        # the shell runs on the result, which has no cache mount
+        seen = run_in_shell(term, "cat /early /partial; ls /cache/c 2>&1", "m2")
+        assert seen.splitlines() == ["early", "partial", "ls: /cache/c: No such file or directory"]
 
         to_monitor(term)
         term.sendline("exit")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.buildkit import running_build_containers
 from tests.helpers.context import TEST_IMAGE, MakeContext
 from tests.helpers.faults import (
     BKDBG_SHELL,
@@ -39,6 +38,7 @@ from tests.helpers.faults import (
     pid_running,
     process_usage,
     run_bkdbg,
+    running_containers,
     server_log,
     server_pid,
     spawn_bkdbg,
@@ -98,22 +98,49 @@ def end_session(term: PtySession) -> None:
 # ---------------------------------------------------------------- kill -9 of the client
 
 
-def test_client_killed_during_build(buildkit_addr, make_context, root):
+def kill_client_during_build(addr: str, make_context: MakeContext, root: Path) -> tuple[str, int]:
+    """Start a build with a 3 s step, kill -9 the client in that step; return id and pid."""
     nonce = time.time_ns()  # a new RUN line, so that BuildKit cannot take it from its cache
     context = make_context(shell_dockerfile(f"RUN echo built-{nonce} > /marker && sleep 3"))
-    with spawn_bkdbg(*build_args(buildkit_addr, context), root=root) as term:
+    with spawn_bkdbg(*build_args(addr, context), root=root) as term:
         term.expect_exact("sleep 3", timeout=BUILD_TIMEOUT)
         instance_id = only_instance(root)
         pid = server_pid(root, instance_id)
         kill_client(term)
-
     assert listed_ids(root) == [instance_id]
     assert pid_running(pid)
+    return instance_id, pid
+
+
+def build_state(instance_id: str) -> str:
+    """Return the BUILD column of `bkdbg list` for one server."""
+    for line in run_bkdbg("list").stdout.splitlines():
+        if line.startswith(instance_id):
+            return next(word for word in line.split() if word.startswith("buil"))
+    raise AssertionError(f"bkdbg list has no row for {instance_id}")
+
+
+def test_client_killed_during_build(buildkit_addr, make_context, root):
+    instance_id, pid = kill_client_during_build(buildkit_addr, make_context, root)
+    wait_for(lambda: build_state(instance_id) != "building", BUILD_TIMEOUT, "the build to end")
+
     with spawn_bkdbg("attach", instance_id, root=root) as term:
         # the shell started while no client was attached: its banner is replayed
-        term.expect_exact("built-in shell", timeout=BUILD_TIMEOUT)
+        term.expect_exact("built-in shell")
         term.expect_exact(SHELL_PROMPT)
-        expect_in_shell(term, "cat /marker", f"built-{nonce}")
+        expect_in_shell(term, "cat /marker", "built-")
+        end_session(term)
+    assert_no_servers(root, [pid])
+
+
+def test_attach_while_build_runs(buildkit_addr, make_context, root):
+    instance_id, pid = kill_client_during_build(buildkit_addr, make_context, root)
+    assert build_state(instance_id) == "building"
+
+    with spawn_bkdbg("attach", instance_id, root=root) as term:
+        # attaching during the build follows it to the shell that --invoke starts
+        term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
+        expect_in_shell(term, "cat /marker", "built-")
         end_session(term)
     assert_no_servers(root, [pid])
 
@@ -190,7 +217,22 @@ def test_server_killed_clients_told(buildkit_addr, context, root):
             lines = [line for line in client.term.output.splitlines() if "not running" in line]
             assert len(lines) == 1, client.term.output[-2000:]
 
-    assert instance_id in run_bkdbg("list").stdout  # reported once, then removed
+    assert_no_servers(root, [pid])
+
+
+def test_list_prunes_dead_server(buildkit_addr, context, root, tmp_path):
+    run_script([f"build --progress quiet --invoke sh {context}", "detach"], tmp_path,
+               addr=buildkit_addr)
+    instance_id = only_instance(root)
+    pid = server_pid(root, instance_id)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_running(pid), 5, f"server {pid} to die")
+
+    first, second = run_bkdbg("list"), run_bkdbg("list")
+    assert first.returncode == 0, describe(first)
+    # reported once, by the list that removes it
+    assert instance_id in first.stdout + first.stderr
+    assert instance_id not in second.stdout + second.stderr
     assert_no_servers(root, [pid])
 
 
@@ -215,7 +257,7 @@ def run_script(
 def server_containers(root: Path, instance_id: str) -> int:
     """Count the running build containers that this server created, by the ids it logged."""
     created = set(re.findall(r"created container (\S+)", server_log(root, instance_id)))
-    return len(created & set(running_build_containers()))
+    return len(created & running_containers())
 
 
 def measure(root: Path, instance_id: str, pid: int) -> tuple[Usage, int]:

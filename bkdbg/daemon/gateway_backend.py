@@ -67,7 +67,10 @@ class GatewayBuildHandle:
             raise ContainerError("no build result to debug: the build did not succeed")
         image_config = result.image_config if result is not None else None
         ref_id = result.ref_id if result is not None else None
-        return GatewayContainer(DebugContainer(self._build, state, image_config, ref_id=ref_id))
+        debug = DebugContainer(
+            self._build, state, image_config, ref_id=ref_id, dial=self._conn.h2_dialer
+        )
+        return GatewayContainer(debug)
 
     def process_spec(self, invoke: InvokeConfig, state: str, terminal: Terminal) -> ProcessSpec:
         if state == STATE_RESULT:

@@ -149,7 +149,7 @@ class Session:
                 )
             self._end_build("container released by reload")
             logger.info("reload of %s requested", self.options.context)
-            return self._start_run(parse_options(self.options_json), terminal)
+            return self._start_run(_reload_options(self.options_json), terminal)
 
     def _start_run(self, options: BuildOptions, terminal: Terminal) -> BuildRun:
         run = BuildRun()
@@ -468,6 +468,18 @@ def parse_options(options_json: str) -> BuildOptions:
             f"invalid build options from the client: {exc}: use the same bkdbg version "
             "for client and server"
         ) from exc
+
+
+def _reload_options(options_json: str) -> BuildOptions:
+    """Return the options of a reload, with `--on error` turned into `--on always`.
+
+    A reload happens inside a debugging session, so it restarts the interactive process
+    on the result after a fixed build as well as in the state of a new failure.
+    """
+    options = parse_options(options_json)
+    if options.invoke is not None:
+        options.invoke = dataclasses.replace(options.invoke, on="always")
+    return options
 
 
 def _release_quietly(container: ContainerHandle) -> None:

@@ -8,9 +8,11 @@ it so that gRPC errors are translated in this one place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -31,9 +33,12 @@ from bkdbg.gateway.address import (
     candidate_addresses,
     parse_address,
 )
-from bkdbg.gateway.dockerbridge import DockerBridge
+from bkdbg.gateway.dockerbridge import DockerBridge, dial_engine
 
 logger = logging.getLogger(__name__)
+
+H2Dialer = Callable[[], tuple[socket.socket, bytes]]
+"""Opens a connection that speaks HTTP/2 to BuildKit; returns it and bytes already read."""
 
 MAX_MESSAGE_LENGTH = 16 * 1024 * 1024  # bytes, the limit buildctl and buildx set too
 
@@ -59,12 +64,15 @@ class Connection:
     `address` is the address used, in canonical form (``docker://`` resolved to its
     engine). `warnings` contains lines for the CLI to print, such as plain TCP without TLS.
     `bridge` is the Docker bridge behind ``docker://`` and ``docker-container://``.
+    `h2_dialer` opens a new HTTP/2 connection to BuildKit outside grpcio (see `h2client`),
+    for ``unix://`` and ``docker://`` only; it is None for the other schemes.
     """
 
     address: str
     channel: grpc.Channel
     warnings: list[str] = field(default_factory=list)
     bridge: DockerBridge | None = None
+    h2_dialer: H2Dialer | None = None
 
     @property
     def control(self) -> control_pb2_grpc.ControlStub:
@@ -153,7 +161,7 @@ def _open(address: Address, tls: TLSOptions | None, timeout: float) -> Connectio
         bridge = _start_bridge(address, timeout)
         channel = grpc.insecure_channel(bridge.target, CHANNEL_OPTIONS)
 
-    connection = Connection(address.text, channel, warnings, bridge)
+    connection = Connection(address.text, channel, warnings, bridge, _h2_dialer(address, timeout))
     try:
         _probe(connection, timeout)
     except _Unreachable:
@@ -163,6 +171,26 @@ def _open(address: Address, tls: TLSOptions | None, timeout: float) -> Connectio
     for warning in warnings:
         logger.warning("%s", warning)
     return connection
+
+
+def _h2_dialer(address: Address, timeout: float) -> H2Dialer | None:
+    if address.scheme == "unix":
+        return functools.partial(_dial_unix, address.path or "", timeout)
+    if address.scheme == "docker":
+        return functools.partial(dial_engine, address, timeout)
+    return None
+
+
+def _dial_unix(path: str, timeout: float) -> tuple[socket.socket, bytes]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+    except OSError:
+        sock.close()
+        raise
+    return sock, b""
 
 
 def _check_socket(path: str) -> None:

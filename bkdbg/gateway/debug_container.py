@@ -27,6 +27,7 @@ from bkdbg.gateway.container import (
     SIGNALS,
     START_TIMEOUT,
     Container,
+    Dialer,
     Process,
     ProcessConfig,
     Sink,
@@ -323,7 +324,8 @@ class DebugContainer:
     `state` is `result` (the result ref mounted at `/`: `ref_id`, by default the one of
     `build.result`), `failed` (every mount of the failed exec op after the failure) or
     `failed-init` (the same mounts before it ran). `image_config` gives the platform of a
-    result. Raises ContainerError when the container cannot be created.
+    result. `dial` (`Connection.h2_dialer`) gives each process stream its own HTTP/2
+    connection. Raises ContainerError when the container cannot be created.
     """
 
     def __init__(
@@ -333,13 +335,15 @@ class DebugContainer:
         image_config: Mapping[str, Any] | None = None,
         *,
         ref_id: str | None = None,
+        dial: Dialer | None = None,
     ) -> None:
         if state not in STATES:
             raise ValueError(f"unknown container state: {state!r}: use {', '.join(STATES)}")
         self.state = state
         self._build = build
         self._spec = container_spec(build, state, image_config, ref_id)
-        self.container = Container.create(build, **self._spec)
+        self._dial = dial
+        self.container = Container.create(build, dial=dial, **self._spec)
         self.wrapped = True
         self._init: Process | None = None  # the keeper, or the first user process without one
         try:
@@ -382,7 +386,7 @@ class DebugContainer:
             reason,
         )
         self.container.release()
-        self.container = Container.create(self._build, **self._spec)
+        self.container = Container.create(self._build, dial=self._dial, **self._spec)
         self.wrapped = False
         self._init = None
 

@@ -377,6 +377,20 @@ def open_engine(address: Address, timeout: float) -> SocketStream:
     return SocketStream(sock, initial)
 
 
+def dial_engine(address: Address, timeout: float) -> tuple[socket.socket, bytes]:
+    """Return a connection to BuildKit through the engine's ``POST /grpc`` upgrade.
+
+    The second item is what the engine sent after its response headers, the start of
+    its HTTP/2 stream. Raises OSError naming the reason when the upgrade fails.
+    """
+    try:
+        upstream = open_engine(address, timeout)
+    except _UpstreamError as exc:
+        raise OSError(f"cannot reach BuildKit through {address}: {exc}") from exc
+    initial, upstream._initial = upstream._initial, b""
+    return upstream.sock, initial
+
+
 def _connect_engine(address: Address, timeout: float) -> socket.socket:
     try:
         if address.path is not None:

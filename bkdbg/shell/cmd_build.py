@@ -11,7 +11,7 @@ from cmd2 import with_argparser
 
 from bkdbg.daemon.messages import BuildDone
 from bkdbg.shell import session
-from bkdbg.shell.buildflags import add_build_arguments, build_options
+from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_config
 from bkdbg.shell.monitor import CATEGORY, Monitor, MonitorParser
 
 
@@ -49,6 +49,7 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
             description="Build CONTEXT in a new server and make that server current."
         )
         add_build_arguments(parser, {"completer": cmd2.Cmd.path_complete})
+        _add_address_arguments(parser)
         return parser
 
     @with_argparser(_build_parser)
@@ -62,8 +63,8 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
                 f"server {previous.instance_id} keeps running: "
                 f"bkdbg kill {previous.instance_id} stops it"
             )
-        options.addr = app.ws.addr
-        options.tls = app.ws.tls
+        options.addr = args.addr or app.ws.addr
+        options.tls = tls_config(args) or app.ws.tls
         return self._after_build("build", app.ws.build(options))
 
     # -- reload
@@ -100,3 +101,16 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
         """Restart the interactive process on the build result, dropping container changes."""
         process_id = self._cmd.ws.rollback(args.init)
         return self._enter(process_id)
+
+
+def _add_address_arguments(parser: MonitorParser) -> None:
+    """Let a script's `build` line name its BuildKit, as `bkdbg --addr ... build` does."""
+    parser.add_argument(
+        "--addr", metavar="ADDRESS", help="BuildKit address (default: the one bkdbg started with)"
+    )
+    parser.add_argument("--tlscacert", metavar="FILE", help="CA certificate for TLS (tcp:// only)")
+    parser.add_argument("--tlscert", metavar="FILE", help="client certificate for TLS")
+    parser.add_argument("--tlskey", metavar="FILE", help="client key for TLS")
+    parser.add_argument(
+        "--tlsservername", metavar="NAME", help="server name expected in BuildKit's certificate"
+    )
