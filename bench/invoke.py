@@ -22,6 +22,7 @@ Each session is ended through the shell and the monitor (`exit`, then `exit` at 
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import subprocess
@@ -75,6 +76,7 @@ CURSOR_POSITION_REQUEST = b"\x1b[6n"
 CURSOR_POSITION_REPORT = b"\x1b[1;1R"
 EXPECT_TIMEOUT = 60.0  # seconds for a prompt to appear; the first build may take a while
 ECHO_TIMEOUT = 5.0  # seconds for one keystroke's echo
+CAT_TIMEOUT = 120.0  # seconds for a `cat` command to deliver the whole file
 SETTLE = 0.002  # seconds of quiet output before the next keystroke is sent
 KEYS_PER_LINE = 40  # keystrokes before the line is cleared with Ctrl-U, so it never wraps
 READ_SIZE = 1 << 20
@@ -92,7 +94,7 @@ class ToolResults:
     )
     echo_seconds: list[float] = field(default_factory=list)
     stream_rates: list[float] = field(default_factory=list)  # bytes per second
-    command_seconds: list[float] = field(default_factory=list)  # until the data ended
+    command_seconds: list[float] = field(default_factory=list)  # from start to the last byte
     failures: list[str] = field(default_factory=list)
 
 
@@ -250,7 +252,7 @@ def interactive_round(
 
 @dataclass
 class StreamClock:
-    """Counts the file's bytes on stdout and when the first and the last of them arrived."""
+    """A counter of the file's bytes on stdout, with the times the first and last arrived."""
 
     expected: int
     data_bytes: int = 0
@@ -258,7 +260,7 @@ class StreamClock:
     last: float | None = None
 
     def feed(self, chunk: bytes) -> None:
-        # the file is all zeros, and launch messages on the same stream hold no NUL byte
+        # the file is all zeros, and launch messages on the same stream contain no NUL byte
         zeros = chunk.count(0)
         if not zeros:
             return
@@ -271,11 +273,32 @@ class StreamClock:
     def complete(self) -> bool:
         return self.data_bytes >= self.expected
 
+    def seconds_since(self, started: float) -> float:
+        """Return the seconds from `started` (a perf_counter value) to the last data chunk."""
+        return self.last - started if self.last is not None else math.nan
+
     def rate(self) -> float:
         """Bytes per second from the first to the last data chunk."""
         if self.first is None or self.last is None or self.last <= self.first:
             return float("nan")
         return self.data_bytes / (self.last - self.first)
+
+
+def read_until_eof(
+    fd: int, clock: StreamClock, deadline: float, on_chunk: Callable[[bytes], None] | None = None
+) -> bool:
+    """Feed what arrives on `fd` to `clock` until EOF; returns False if `deadline` came first.
+
+    `deadline` is a time.perf_counter() value. `on_chunk`, if given, gets every chunk too.
+    """
+    while select.select([fd], [], [], max(0.0, deadline - time.perf_counter()))[0]:
+        chunk = os.read(fd, READ_SIZE)
+        if not chunk:
+            return True
+        clock.feed(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return False
 
 
 def bkdbg_cat(root: BkdbgRoot, context: Path) -> tuple[float, float]:
@@ -293,10 +316,9 @@ def bkdbg_cat(root: BkdbgRoot, context: Path) -> tuple[float, float]:
         )
         assert process.stdout is not None
         with process.stdout:
-            while chunk := os.read(process.stdout.fileno(), READ_SIZE):
-                clock.feed(chunk)
+            if not read_until_eof(process.stdout.fileno(), clock, started + CAT_TIMEOUT):
+                process.kill()
         status = process.wait(timeout=EXPECT_TIMEOUT)
-        elapsed = time.perf_counter() - started
         stderr.seek(0)
         errors = stderr.read().decode(errors="replace")[-600:].strip()
     if status != 0 or not clock.complete:
@@ -305,7 +327,7 @@ def bkdbg_cat(root: BkdbgRoot, context: Path) -> tuple[float, float]:
             f"{BIG_SIZE / MB:.1f} MB arrived, at {clock.rate() / MB:.0f} MB/s; "
             f"stderr: {errors or '(empty)'}"
         )
-    return clock.rate(), elapsed
+    return clock.rate(), clock.seconds_since(started)
 
 
 def buildx_cat(engine: Engine, context: Path) -> tuple[float, float]:
@@ -321,8 +343,13 @@ def buildx_cat(engine: Engine, context: Path) -> tuple[float, float]:
         stderr=subprocess.DEVNULL,
     )
     os.close(slave)
+    assert process.stdout is not None
     try:
-        elapsed = _follow_buildx_cat(process, master, clock, started)
+        with process.stdout:
+            monitor_exit = BuildxMonitorExit(master, clock)
+            read_until_eof(process.stdout.fileno(), clock, started + CAT_TIMEOUT, monitor_exit)
+        if clock.complete:
+            process.wait(timeout=EXPECT_TIMEOUT)
     finally:
         os.close(master)
         if process.poll() is None:
@@ -333,32 +360,33 @@ def buildx_cat(engine: Engine, context: Path) -> tuple[float, float]:
             f"buildx cat: exit status {process.returncode}, {clock.data_bytes / MB:.1f} of "
             f"{BIG_SIZE / MB:.1f} MB arrived"
         )
-    return clock.rate(), elapsed
+    return clock.rate(), clock.seconds_since(started)
 
 
-def _follow_buildx_cat(
-    process: subprocess.Popen[bytes], master: int, clock: StreamClock, started: float
-) -> float:
-    """Count the data, then leave through the monitor; returns the seconds until the data ended.
+class BuildxMonitorExit:
+    """A chunk callback that types Ctrl-a c once the whole file has arrived, then `exit`.
 
     buildx 0.13 does not open its monitor by itself when a non-tty process ends, so the
-    benchmark switches to it with Ctrl-a c once every byte has arrived.
+    callback opens it and then leaves it at its `(buildx)` prompt.
     """
-    assert process.stdout is not None
-    elapsed = float("nan")
-    sent_exit = False
-    tail = b""
-    while chunk := os.read(process.stdout.fileno(), READ_SIZE):
-        clock.feed(chunk)
-        if clock.complete and elapsed != elapsed:  # NaN: the data has just completed
-            elapsed = time.perf_counter() - started
-            os.write(master, CTRL_A_C)
-        tail = (tail + chunk)[-64:]
-        if clock.complete and not sent_exit and MONITOR_PROMPTS["buildx"] in tail:
-            os.write(master, b"exit\r")
-            sent_exit = True
-    process.wait(timeout=EXPECT_TIMEOUT)
-    return elapsed
+
+    def __init__(self, master: int, clock: StreamClock) -> None:
+        self.master = master
+        self.clock = clock
+        self.switched = False
+        self.tail = b""
+
+    def __call__(self, chunk: bytes) -> None:
+        if not self.clock.complete:
+            return
+        if not self.switched:
+            os.write(self.master, CTRL_A_C)
+            self.switched = True
+            return
+        self.tail = (self.tail + chunk)[-64:]
+        if MONITOR_PROMPTS["buildx"] in self.tail:
+            os.write(self.master, b"exit\r")
+            self.tail = b""
 
 
 # ---------------------------------------------------------------- rounds and report
@@ -436,7 +464,7 @@ def cat_round(
         rate, seconds = buildx_cat(engine, context)
     results.stream_rates.append(rate)
     results.command_seconds.append(seconds)
-    return f"{rate / MB:.0f} MB/s while streaming, data complete after {seconds:.2f} s"
+    return f"{rate / MB:.0f} MB/s while streaming, last byte after {seconds:.2f} s"
 
 
 def report(results: dict[str, ToolResults]) -> None:

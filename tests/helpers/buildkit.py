@@ -82,19 +82,27 @@ def docker_argv(addr: str) -> list[str]:
     return ["docker", "-H", f"unix://{socket_path(addr)}"]
 
 
+RUNC_LIST_TRIES = 5
+
+
 def running_build_containers() -> dict[str, str]:
     """Return {container id: status} for every runc container of the engine's BuildKit.
 
     This covers RUN steps and gateway containers (LLBBridge.NewContainer) alike. Needs
     root, because runc's state dir is root-only. Raises RuntimeError if `runc list` fails.
     """
-    result = subprocess.run(
-        ["runc", "--root", str(RUNC_ROOT), "list", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
+    for _ in range(RUNC_LIST_TRIES):
+        result = subprocess.run(
+            ["runc", "--root", str(RUNC_ROOT), "list", "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        # runc fails when a container goes away while it lists the state dir: list again
+        if result.returncode == 0 or "no such file or directory" not in result.stderr:
+            break
+        time.sleep(0.05)
     if result.returncode != 0:
         raise RuntimeError(f"runc --root {RUNC_ROOT} list failed: {result.stderr.strip()}")
     containers = json.loads(result.stdout) or []  # runc prints `null` when there are none
