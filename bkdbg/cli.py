@@ -124,7 +124,13 @@ def _server_commands(
     )
     attach.set_defaults(handler=_run_attach)
 
-    listing = sub.add_parser("list", parents=[common], help="list the servers")
+    listing = sub.add_parser(
+        "list",
+        parents=[common],
+        help="list the servers",
+        description="List the servers under the root, oldest first. A * in CURRENT marks "
+        "the newest server, which bkdbg attach without an ID picks.",
+    )
     listing.set_defaults(handler=_run_list)
 
     kill = sub.add_parser(
@@ -266,18 +272,19 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     options.addr, options.tls = ws.addr, ws.tls
     ws.launcher = _launcher(ws, detach, idle_timeout)
 
-    result = ws.build(options)
+    # no state to start a shell on (a failed COPY, say) still keeps the monitor on a
+    # terminal, so the user can fix the context and reload
+    to_monitor = options.invoke is not None and ws.local.interactive
+    result = ws.build(options, goes_on=to_monitor)
     if result.process_id:
         # a failed step's shell was started: the failed-step block already said why
         if ws.local.interactive:
             return session.interactive(ws, result.process_id)
         return session.run_piped(ws, result.process_id)
+    if result.error and to_monitor:
+        return session.interactive(ws, "")
     if result.error:
         ws.say(f"bkdbg: error: {result.error}")
-    if result.error and options.invoke is not None and ws.local.interactive:
-        # no state to start a shell on (a failed COPY, say): keep the monitor, so the
-        # user can fix the context and reload
-        return session.interactive(ws, "")
     return session.finish_without_process(ws, result.ok and not result.error)
 
 

@@ -152,7 +152,8 @@ def parse_key_value(
     env = os.environ if environ is None else environ
     if key not in env:
         raise UsageError(
-            f"invalid {flag} value: {value!r}: no '=' and {key} is not set in the environment"
+            f"invalid {flag} value: {value!r}: no '=' and {key} is not set in the environment: "
+            f"give {key}=VALUE or export {key}"
         )
     return key, env[key]
 
@@ -240,7 +241,10 @@ def parse_invoke(value: str, on: str = "always") -> InvokeConfig:
     try:
         words = shlex.split(value)
     except ValueError as exc:
-        raise UsageError(f"invalid --invoke value: {value!r}: {exc}") from exc
+        # shlex raises "No closing quotation" or "No escaped character"
+        raise UsageError(
+            f"invalid --invoke value: {value!r}: {exc}: close the quote or escape the character"
+        ) from exc
     if not words:
         raise UsageError("invalid --invoke value: '': give a command such as sh")
     return InvokeConfig(entrypoint=words[:1], args=words[1:], on=on)
@@ -264,6 +268,9 @@ def _parse_invoke_csv(value: str, on: str) -> InvokeConfig:
                 f"use {', '.join(_INVOKE_KEYS)}"
             )
         _set_invoke_field(config, key, val, value)
+    command = (config.entrypoint or []) + (config.args or [])
+    if command and not command[0]:
+        raise UsageError(f"invalid --invoke value: {value!r}: give a command")
     return config
 
 
@@ -273,6 +280,10 @@ def _set_invoke_field(config: InvokeConfig, key: str, val: str, value: str) -> N
     elif key in ("args", "cmd"):
         config.args = (config.args or []) + [val]
     elif key == "env":
+        # the container runtime rejects an entry without '=' only when the process starts
+        name, sep, _ = val.partition("=")
+        if not name or not sep:
+            raise UsageError(f"invalid --invoke value: {value!r}: env needs KEY=VALUE")
         config.env.append(val)
     elif key == "user":
         config.user = val

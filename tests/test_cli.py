@@ -118,6 +118,11 @@ def test_missing_dockerfile(tmp_path, capsys):
             "entrypoint, args, cmd, env, user, cwd, tty",
         ),
         (
+            ["--invoke", "args=sh,env=FOO"],
+            "invalid --invoke value: 'args=sh,env=FOO': env needs KEY=VALUE",
+        ),
+        (["--invoke", "args="], "invalid --invoke value: 'args=': give a command"),
+        (
             ["--secret", "id=a,env=BKDBG_UNSET_VAR"],
             "secret environment variable not set: BKDBG_UNSET_VAR: export it or use src=PATH",
         ),
@@ -254,14 +259,14 @@ def test_run_script_missing(tmp_path, capsys):
     missing = tmp_path / "monitor.txt"
     assert run_main(["run-script", str(missing)], capsys) == (
         1,
-        [f"bkdbg: error: cannot read script: {missing}: No such file or directory"],
+        [f"bkdbg: error: cannot read script: {missing}: No such file or directory: check the path"],
     )
 
 
 def test_run_script_directory(tmp_path, capsys):
     assert run_main(["run-script", str(tmp_path)], capsys) == (
         1,
-        [f"bkdbg: error: cannot read script: {tmp_path}: Is a directory"],
+        [f"bkdbg: error: cannot read script: {tmp_path}: Is a directory: check the path"],
     )
 
 
@@ -366,6 +371,9 @@ def test_on_error_shell_in_failed_state(context, root):
     )
     assert result.stdout == "state=failed\n"
     assert result.returncode == 2
+    # the session goes on into the shell, so the error opens the block without the prefix
+    assert "exit code: 7" in result.stderr.splitlines()
+    assert "bkdbg: error:" not in result.stderr
 
 
 def test_missing_command_one_line(context, root):
@@ -399,6 +407,7 @@ def test_list_kill_disconnect(fake_servers, context, root, capsys):
         assert out[0].split() == ["ID", "PID", "STARTED", "BUILD", "CLIENTS", "CURRENT"]
         fields = out[1].split()
         assert fields[0] == server.instance_id
+        assert fields[-1] == "*"  # no current server: the newest is marked
         assert fields[1] == str(server.server_pid)
         assert out[1].split(maxsplit=2)[2].startswith(("Less than a second ago", "1 second ago"))
         assert "built" in fields
@@ -410,7 +419,7 @@ def test_list_kill_disconnect(fake_servers, context, root, capsys):
         time.sleep(0.5)
         assert cli.main(["disconnect", server.instance_id]) == 0
         assert capsys.readouterr().out == (
-            f"disconnected 1 client(s) from server {server.instance_id}\n"
+            f"disconnected 1 client from server {server.instance_id}\n"
         )
         watcher.join(TIMEOUT)
         assert not watcher.is_alive()

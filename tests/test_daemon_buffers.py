@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from bkdbg.daemon.buffers import RingBuffer, SendQueue
+from bkdbg.daemon.buffers import COALESCE_BYTES, RingBuffer, SendQueue
 from bkdbg.daemon.messages import Attached, Closed, Exited, Output, TakenOver
 from bkdbg.daemon.processes import ManagedProcess
 
@@ -192,3 +192,35 @@ def test_close_client_ends_only_its_streams() -> None:
     assert drain(mine.queue)[-1] == Closed("bye")
     assert not other.queue.closed
     assert process.owner_client() == ""
+
+
+def test_get_joined_joins_one_fd() -> None:
+    queue = SendQueue()
+    for data in (b"a", b"b", b"c"):
+        queue.put(Output(1, data))
+    queue.put(Output(2, b"err"))
+    queue.put(Output(1, b"d"))
+    queue.put(Exited(0))
+    assert queue.get_joined() == Output(1, b"abc")
+    assert queue.get_joined() == Output(2, b"err")
+    assert queue.get_joined() == Output(1, b"d")
+    assert queue.get_joined() == Exited(0)
+    assert queue.output_bytes == 0
+
+
+def test_get_joined_stops_at_limit() -> None:
+    chunk = b"x" * (COALESCE_BYTES // 2)
+    queue = SendQueue(max_bytes=4 * COALESCE_BYTES)
+    for _ in range(3):
+        queue.put(Output(1, chunk))
+    first = queue.get_joined()
+    assert isinstance(first, Output)
+    assert len(first.data) == COALESCE_BYTES
+    assert queue.get_joined() == Output(1, chunk)
+
+
+def test_get_joined_keeps_drop_count() -> None:
+    queue = SendQueue(max_bytes=4)
+    for data in (b"aa", b"bb", b"cc"):
+        queue.put(Output(1, data))
+    assert queue.get_joined() == Output(1, b"bbcc", dropped_bytes=2)

@@ -409,12 +409,30 @@ def test_tty_resize(client: DaemonClient, context_dir: Path) -> None:
     assert b"40 120" in reader.output_until(b"40 120")
 
 
-def test_slow_client_bounded(client: DaemonClient, context_dir: Path) -> None:
-    """A client that reads nothing must neither stall the process nor grow memory."""
+def test_input_owner_gets_every_byte(client: DaemonClient, context_dir: Path) -> None:
+    """The client holding the input receives all output: the process waits for it."""
+    finish(client.build(options(context_dir, ["sh"])))
+    total = 16 * 1024 * 1024
+    process_id = client.exec(["sh", "-c", f"sleep 0.2; head -c {total} /dev/zero; echo END"])
+    stream = client.attach(process_id, replay=False)
+    received, dropped, tail = 0, 0, b""
+    for message in stream:
+        if isinstance(message, Output):
+            received += len(message.data)
+            dropped += message.dropped_bytes
+            tail = (tail + message.data)[-100:]
+            time.sleep(0.0005)  # a slow reader
+    assert dropped == 0
+    assert received == total + len(b"END\n")
+    assert tail.endswith(b"END\n")
+
+
+def test_slow_watcher_bounded(client: DaemonClient, context_dir: Path) -> None:
+    """A watcher that reads nothing must neither stall the process nor grow memory."""
     finish(client.build(options(context_dir, ["sh"])))
     total = 64 * 1024 * 1024
     process_id = client.exec(["sh", "-c", f"head -c {total} /dev/zero; echo THE-END"])
-    stream = client.attach(process_id, replay=False)
+    stream = client.attach(process_id, replay=False, read_only=True)
     assert client._server is not None
     process = client._server.session._processes[process_id]
     queue_peak = 0

@@ -6,11 +6,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bkdbg.daemon import client as client_module
-from bkdbg.daemon.messages import BuildDone, Exited, Output, ServerEvent
+from bkdbg.daemon.messages import BuildDone, Exited, Output, ProcessInfo, ServerEvent
 from bkdbg.errors import FailedStep
 from bkdbg.shell.attach import LocalIO
 from bkdbg.shell.monitor import Monitor
@@ -118,8 +119,9 @@ def test_unknown_command_names_it(app, capfd):
 
 
 def test_bad_arguments_line(app, capfd):
-    _, err = run_cmd(app, "exec --user", capfd)
-    assert err[-1] == "exec: argument --user: expected one argument"
+    out, err = run_cmd(app, "exec --user", capfd)
+    assert err == ["exec: argument --user: expected one argument"]
+    assert out == []
     assert app.failed
 
 
@@ -182,6 +184,26 @@ def test_rollback_init(batch_app, client, ws, capfd):
     assert ws.current.process_id == "p3"
 
 
+def test_rollback_announces_replaced_process(batch_app, client, ws, capfd):
+    client.processes.append(ProcessInfo("p2", ["sleep", "9"], "running"))
+    client.processes.append(ProcessInfo("p0", ["true"], "exited"))
+    _, err = run_cmd(batch_app, "rollback", capfd)
+    assert err == [
+        "Process p1 was replaced by p3 (rollback)",
+        "Process p2 (sleep 9) was ended by rollback",
+    ]
+    # the server's exit events of the processes that rollback ended are not shown again
+    assert ws.expected.take("process-exited", "p1")
+    assert ws.expected.take("process-exited", "p2")
+    assert not ws.expected.take("process-exited", "p0")
+
+
+def test_reload_announces_replaced_process(batch_app, client, ws, capfd):
+    _, err = run_cmd(batch_app, "reload", capfd)
+    assert "Process p1 was replaced by p2 (reload)" in err
+    assert ws.expected.take("process-exited", "p1")
+
+
 def test_attach_in_script_needs_terminal(batch_app, capfd):
     _, err = run_cmd(batch_app, "attach p1", capfd)
     assert err == ["attach: a process needs a terminal to attach to: use exec in scripts"]
@@ -235,6 +257,8 @@ def test_reload_into_failed_state_is_no_failure(batch_app, client, capfd):
     ]
     out, err = run_cmd(batch_app, "reload", capfd)
     assert not batch_app.failed
+    assert err[0] == "exit 7"  # the error opens the block, as the session goes on
+    assert "command: /bin/sh -c 'exit 7'" not in err  # the hint shows the command
     assert "Dockerfile:3" in err
     assert "   3 | >>> RUN exit 7" in err
     assert "exit code: 7" in err
@@ -279,6 +303,15 @@ def test_list_marks_current(app, daemon, capfd):
     assert not rows[OTHER_ID].rstrip().endswith("*")
 
 
+def test_list_marks_newest_without_current(app, ws, daemon, capfd):
+    daemon.add(FakeClient(OTHER_ID))
+    ws.current = None
+    out, _ = run_cmd(app, "list", capfd)
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert not rows[INSTANCE_ID].rstrip().endswith("*")
+    assert rows[OTHER_ID].rstrip().endswith("*")
+
+
 def test_kill_current(app, ws, daemon, capfd):
     out, _ = run_cmd(app, "kill", capfd)
     assert out == [f"killed server {INSTANCE_ID}"]
@@ -293,7 +326,7 @@ def test_kill_unknown(app, ws, capfd):
 
 def test_disconnect_current(app, client, capfd):
     out, _ = run_cmd(app, "disconnect", capfd)
-    assert out == [f"disconnected 2 client(s) from server {INSTANCE_ID}"]
+    assert out == [f"disconnected 2 clients from server {INSTANCE_ID}"]
     assert ("disconnect", "") in client.calls
 
 
@@ -383,6 +416,12 @@ def test_complete_exec_flags(app):
     assert "--env" in completions(app, "exec --e")
 
 
+def test_complete_after_command_offers_no_flags(app):
+    assert completions(app, "reload ") == []
+    assert completions(app, "rollback ") == []
+    assert "--init" in completions(app, "rollback -")
+
+
 # ---------------------------------------------------------------- events and history
 
 
@@ -395,6 +434,44 @@ def test_server_events_become_alerts(app, ws, monkeypatch):
     app._show_event(ServerEvent("process-exited", "process p7 exited with status 1", "p7"))
     app._show_event(ServerEvent("build-finished", "", ""))
     assert alerts == ["process p7 exited with status 1", "server event: build-finished"]
+
+
+def test_exit_event_in_client_format(app, ws, client, monkeypatch):
+    alerts: list[str] = []
+    monkeypatch.setattr(app, "add_alert", lambda msg=None, **_: alerts.append(msg))
+    app._idle.set()
+    client.processes[0] = ProcessInfo("p1", ["sh"], "exited", exit_code=137, current=True)
+    client.processes.append(ProcessInfo("p4", ["sleep", "9"], "exited", exit_code=1))
+    app._show_event(ServerEvent("process-exited", "process p1 exited with status 137", "p1"))
+    app._show_event(ServerEvent("process-exited", "process p4 exited with status 1", "p4"))
+    assert alerts == [
+        "Process p1 (sh) exited with status 137; type reload, rollback, exec or exit",
+        "Process p4 (sleep 9) exited with status 1",
+    ]
+
+
+def test_disconnected_event_names_command(app, ws, monkeypatch):
+    alerts: list[str] = []
+    monkeypatch.setattr(app, "add_alert", lambda msg=None, **_: alerts.append(msg))
+    app._idle.set()
+    app._show_event(ServerEvent("disconnected", "disconnected by client c2", ""))
+    assert alerts == [
+        "disconnected by another bkdbg client (bkdbg disconnect); "
+        f"bkdbg attach {INSTANCE_ID} returns"
+    ]
+
+
+def test_escape_keys_bound_at_prompt(app):
+    bindings = app.main_session.key_bindings
+    for key, command in (("c", "attach"), ("d", "detach")):
+        (binding,) = bindings.get_bindings_for_keys(("c-a", key))
+        event = SimpleNamespace(current_buffer=SimpleNamespace(text="", handled=False))
+        event.current_buffer.validate_and_handle = lambda buffer=event.current_buffer: setattr(
+            buffer, "handled", True
+        )
+        binding.handler(event)
+        assert event.current_buffer.text == command
+        assert event.current_buffer.handled
 
 
 def test_events_stream_follows_current_server(app, ws, daemon, client):

@@ -75,6 +75,10 @@ def test_invoke_csv_form():
         ('sh -c "unclosed', "invalid --invoke value: 'sh -c \"unclosed': No closing quotation"),
         ("entrypoint=sh,bogus=1", "unknown field 'bogus=1'"),
         ("entrypoint=sh,tty=maybe", "tty must be true or false"),
+        ("args=sh,env=FOO", "invalid --invoke value: 'args=sh,env=FOO': env needs KEY=VALUE"),
+        ("args=sh,env==1", "invalid --invoke value: 'args=sh,env==1': env needs KEY=VALUE"),
+        ("args=", "invalid --invoke value: 'args=': give a command"),
+        ("entrypoint=,args=id", "invalid --invoke value: 'entrypoint=,args=id': give a command"),
     ],
 )
 def test_invoke_errors(value, expected):
@@ -99,7 +103,8 @@ def test_build_arg_value_and_environment():
 def test_build_arg_errors():
     assert error_of(parse_build_arg, "=1") == "invalid --build-arg value: '=1': expected KEY=VALUE"
     assert error_of(parse_build_arg, "NOPE", {}) == (
-        "invalid --build-arg value: 'NOPE': no '=' and NOPE is not set in the environment"
+        "invalid --build-arg value: 'NOPE': no '=' and NOPE is not set in the environment: "
+        "give NOPE=VALUE or export NOPE"
     )
 
 

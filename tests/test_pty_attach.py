@@ -326,9 +326,15 @@ def ws(client, terminal, tmp_path) -> Workspace:
             "another client took over this session; you are at the monitor prompt",
         ),
         (
-            Closed("bkdbg disconnect"),
+            Closed("the server is shutting down"),
             0,
-            "server 0a1b2c3d closed this client's connection: bkdbg disconnect",
+            "server 0a1b2c3d closed this client's connection: the server is shutting down",
+        ),
+        (
+            Closed("disconnected by client c2"),
+            0,
+            "disconnected by another bkdbg client (bkdbg disconnect); bkdbg attach 0a1b2c3d "
+            "returns",
         ),
         (
             ServerUnreachable("bkdbg server 0a1b2c3d is not running"),
@@ -336,7 +342,7 @@ def ws(client, terminal, tmp_path) -> Workspace:
             "bkdbg: error: bkdbg server 0a1b2c3d is not running",
         ),
     ],
-    ids=["exited", "taken-over", "closed", "lost"],
+    ids=["exited", "taken-over", "closed", "disconnected", "lost"],
 )
 def test_enter_reports(ws, client, capsys, message, status, line):
     helper = in_background(lambda: stream_of(client).push(message))

@@ -190,3 +190,11 @@ def test_script_detach_then_attach(context, tmp_path, root_dir):
 @pytest.fixture
 def root_dir() -> Path:
     return Path(os.environ["BKDBG_ROOT"])
+
+
+def test_bad_arguments_one_line(ws, tmp_path, capfd):
+    path = write_script(tmp_path, "exec --user\n")
+    assert run_script(ws, str(path)) == 1
+    out, err = capfd.readouterr()
+    assert err.splitlines() == [f"{path}:1: exec: argument --user: expected one argument"]
+    assert out == ""

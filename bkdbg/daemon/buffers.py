@@ -1,8 +1,10 @@
 """Bounded output storage: a process's replay ring and a client's send queue.
 
-Both are written from the thread that receives a process's output. That thread must not
-wait for a client, so both drop their oldest output instead of waiting for space (each
-takes only its own short lock).
+Both are written from the thread that receives a process's output. The ring and the
+queues of read-only watchers drop their oldest output instead of waiting for space, so
+that nobody who merely watches can stall the process. The queue of the client that holds
+the process's input is lossless: the receiving thread waits for room in it, and so
+BuildKit's flow control holds the process back, as a slow terminal or pipe would.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ RING_BYTES = 256 * 1024
 # per attached client: room for bursts of terminal output, and the most memory that one
 # slow client can cost the server per attachment
 QUEUE_BYTES = 1024 * 1024
-# max bytes that `get` joins into one Output. BuildKit sends 4-32 KiB chunks, and each
-# gRPC message to the client cost about 100 us of server CPU in Python (grpcio 1.85), so
-# joining what queued while the client was busy keeps the stream from falling behind.
+# max bytes that `get_joined` joins into one Output. BuildKit sends 4-32 KiB chunks, and
+# grpcio does the same Python work per message whatever its size, in the server and in
+# the client. So joining what queued while the client was busy lets a slow client catch up.
 COALESCE_BYTES = 1024 * 1024
 
 
@@ -67,14 +69,16 @@ class RingBuffer:
 class SendQueue:
     """Messages waiting to be sent to one attached client, bounded in output bytes.
 
-    When the output queued exceeds `max_bytes`, the oldest output chunks are dropped (never
-    the newest one, and never a control message), so a slow client sees the latest output
-    and the count of bytes it missed. After `close()`, `get` returns None once the
-    messages already queued are taken; `abort()` discards them as well.
+    When the output queued exceeds `max_bytes`, a lossy queue drops the oldest output
+    chunks (never the newest one, and never a control message), so a slow watcher sees the
+    latest output and the count of bytes it missed. A lossless queue keeps everything and
+    its writer calls `wait_for_room`. After `close()`, `get` returns None once the messages
+    already queued are taken; `abort()` discards them as well.
     """
 
-    def __init__(self, max_bytes: int = QUEUE_BYTES) -> None:
+    def __init__(self, max_bytes: int = QUEUE_BYTES, lossless: bool = False) -> None:
         self.max_bytes = max_bytes
+        self.lossless = lossless
         self._items: deque[AttachMessage] = deque()
         self._output_bytes = 0
         self._output_count = 0
@@ -92,11 +96,18 @@ class SendQueue:
             if isinstance(message, Output):
                 self._output_bytes += len(message.data)
                 self._output_count += 1
-                self._drop_oldest_output()
+                if not self.lossless:
+                    self._drop_oldest_output()
             if isinstance(message, TERMINAL_MESSAGES):
                 self._closed = True
             self._cond.notify()
             return True
+
+    def wait_for_room(self) -> None:
+        """Wait until the output queued fits in `max_bytes`, or the queue is closed."""
+        with self._cond:
+            while self._output_bytes > self.max_bytes and not self._closed:
+                self._cond.wait()
 
     def _drop_oldest_output(self) -> None:
         # the newest chunk always stays, even when it alone exceeds max_bytes
@@ -151,6 +162,8 @@ class SendQueue:
             if self._dropped or data is not message.data:
                 message = Output(message.fd, data, self._dropped)
                 self._dropped = 0
+            # wakes a writer in wait_for_room as well as other readers
+            self._cond.notify_all()
         return message
 
     def _join_following(self, first: Output, join_bytes: int) -> bytes:

@@ -38,8 +38,13 @@ class Attachment:
 
     client_id: str
     read_only: bool
-    queue: SendQueue = field(default_factory=SendQueue)
+    queue: SendQueue = field(init=False)
     id: int = field(default_factory=lambda: next(_attach_ids))
+
+    def __post_init__(self) -> None:
+        # the input owner must see every byte (a piped `cat` is data, not a view), so its
+        # queue is lossless; watchers never hold the process back
+        self.queue = SendQueue(lossless=not self.read_only)
 
 
 class ManagedProcess:
@@ -125,7 +130,7 @@ class ManagedProcess:
     # ------------------------------------------------------------ output
 
     def sink(self, fd: int, data: bytes) -> None:
-        """Take output from the backend, without waiting for any client."""
+        """Take output from the backend; wait only while the input owner's queue is full."""
         with self._lock:
             if not data:
                 self._eof_fds.add(fd)
@@ -136,6 +141,11 @@ class ManagedProcess:
             chunk = Output(fd, data)
             for attachment in self._attachments:
                 attachment.queue.put(chunk)
+            owner = self._owner
+        if owner is not None:
+            # outside the lock: attach, detach and takeover must go on while this waits,
+            # and detach aborts the queue, which ends the wait
+            owner.queue.wait_for_room()
 
     # ------------------------------------------------------------ clients
 

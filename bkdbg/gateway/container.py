@@ -36,9 +36,7 @@ Sink = Callable[[int, bytes], None]
 Dialer = Callable[[], tuple[socket.socket, bytes]]
 """Opens an HTTP/2 connection to BuildKit for one ExecProcess stream (`Connection.h2_dialer`)."""
 
-EXEC_PATH = (
-    f"/{gateway_pb2.DESCRIPTOR.services_by_name['LLBBridge'].full_name}/ExecProcess"
-)
+EXEC_PATH = f"/{gateway_pb2.DESCRIPTOR.services_by_name['LLBBridge'].full_name}/ExecProcess"
 
 START_TIMEOUT = 30.0  # seconds from Init to Started, which took 2-50 ms on BuildKit v0.13 and v0.32
 RELEASE_TIMEOUT = (
@@ -217,7 +215,11 @@ class Process:
                 logger.warning("process %s: %s; using the gRPC channel", self.id, exc)
             else:
                 call = H2StreamCall(
-                    sock, initial, EXEC_PATH, self._owner.call_metadata, self._requests(),
+                    sock,
+                    initial,
+                    EXEC_PATH,
+                    self._owner.call_metadata,
+                    self._requests(),
                     gateway_pb2.ExecMessage.FromString,
                 )
                 call.start()

@@ -47,8 +47,11 @@ def _source_lines(step: FailedStep) -> list[str]:
     return []
 
 
-def failed_step_block(step: FailedStep) -> list[str]:
-    """Return the lines that describe a failed step, in the layout of buildx's error output."""
+def failed_step_block(step: FailedStep, *, with_command: bool = True) -> list[str]:
+    """Return the lines that describe a failed step, in the layout of buildx's error output.
+
+    `with_command=False` leaves out the `command:` line, for when the hints show it.
+    """
     lines: list[str] = []
     if step.vertex_name:
         lines += ["------", f" > {step.vertex_name}:"]
@@ -58,7 +61,7 @@ def failed_step_block(step: FailedStep) -> list[str]:
         lines += [f"{step.filename}:{step.line}", RULE, *_source_lines(step), RULE]
     elif step.instruction:
         lines.append(f"instruction: {step.instruction}")
-    if step.command:
+    if step.command and with_command:
         lines.append(f"command: {shlex.join(step.command)}")
     if step.exit_code is not None:
         lines.append(f"exit code: {step.exit_code}")
@@ -79,14 +82,26 @@ def debug_hint(step: FailedStep) -> list[str]:
     return hint
 
 
-def print_result(result: BuildDone, out: TextIO) -> None:
-    """Print the failed step block (if any) and the server's notes."""
-    if not result.ok and result.failed_step is not None:
-        for line in failed_step_block(result.failed_step):
+def print_result(result: BuildDone, out: TextIO, *, goes_on: bool = False) -> None:
+    """Print the failed step block (if any) and the server's notes.
+
+    When the session goes on after a failure (`goes_on`, or a shell started in the failed
+    step's state), the block opens with the error itself, so the caller must not print it.
+    Otherwise the caller ends with its `bkdbg: error:` line.
+    """
+    step = result.failed_step if not result.ok else None
+    if error_shown(result, goes_on):
+        print(result.error, file=out)
+    if step is not None:
+        hints = debug_hint(step) if result.process_id else []
+        lines = failed_step_block(step, with_command=not hints) + hints
+        for line in lines:
             print(line, file=out)
-        if result.process_id:
-            for line in debug_hint(result.failed_step):
-                print(line, file=out)
     for note in result.notes:
         print(note, file=out)
     out.flush()
+
+
+def error_shown(result: BuildDone, goes_on: bool) -> bool:
+    """Return True if print_result already printed the result's error."""
+    return bool(result.error) and (goes_on or bool(result.process_id))

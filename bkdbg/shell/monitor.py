@@ -22,13 +22,14 @@ from typing import Any, NoReturn
 
 import cmd2
 import platformdirs
-from cmd2 import Cmd2ArgumentParser, Statement, with_argparser
+from cmd2 import Cmd2ArgumentParser, Completions, Statement, with_argparser
+from cmd2.argparse_completer import ArgparseCompleter
 from cmd2.plugin import PostcommandData, PrecommandData
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 from bkdbg.errors import BkdbgError
 from bkdbg.shell.background import EventWatcher, IdCache
-from bkdbg.shell.session import detach_hint
+from bkdbg.shell.session import NEXT_STEPS, closed_line, detach_hint, exit_notice
 from bkdbg.shell.workspace import Current, Workspace
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,45 @@ UNKNOWN_COMMAND = "unknown command: type help to list the commands"
 _parse_errors = threading.local()
 
 
+class FlagsOnRequestCompleter(ArgparseCompleter):
+    """A completer that offers flags only once a `-` is typed.
+
+    cmd2 4.3's completer offers the flags for an empty word when no positional is left,
+    so TAB after `reload ` typed `reload -h`.
+
+    NOTE: this overrides a private method of cmd2 4.3's ArgparseCompleter.
+    """
+
+    def _complete_flags(
+        self, text: str, line: str, begidx: int, endidx: int, used_flags: set[str]
+    ) -> Completions:
+        if not text:
+            return Completions()
+        return super()._complete_flags(text, line, begidx, endidx, used_flags)
+
+
 class MonitorParser(Cmd2ArgumentParser):
-    """An argument parser that keeps its last error message for the `<command>: ` line."""
+    """An argument parser whose errors become one `<command>: <message>` line.
+
+    cmd2's parser prints the usage and an `Error:` line itself; this one only keeps the
+    message for `Monitor.onecmd`, which prints it with the command name (and the script
+    line in run-script). `<command> -h` still shows the usage.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("completer_class", FlagsOnRequestCompleter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         _parse_errors.last = message
-        super().error(message)
+        # cmd2's with_argparser turns SystemExit into Cmd2ArgparseError
+        raise SystemExit(2)
+
+
+def _run_typed(command: str, event: KeyPressEvent) -> None:
+    """Replace the prompt's text with `command` and run it, as if typed."""
+    event.current_buffer.text = command
+    event.current_buffer.validate_and_handle()
 
 
 def history_file() -> Path:
@@ -102,15 +136,13 @@ class Monitor(cmd2.Cmd):
             self._bind_escape()
 
     def _bind_escape(self) -> None:
-        """Make `Ctrl-a c` at the prompt go back to the process, as it came from there."""
+        """Bind the escape keys at the prompt as in a process: `Ctrl-a c` goes back to
+        the process and `Ctrl-a d` detaches."""
         bindings = self.main_session.key_bindings
         if not isinstance(bindings, KeyBindings):
             return
-
-        @bindings.add("c-a", "c")
-        def _back_to_process(event: KeyPressEvent) -> None:
-            event.current_buffer.text = "attach"
-            event.current_buffer.validate_and_handle()
+        for key, command in (("c", "attach"), ("d", "detach")):
+            bindings.add("c-a", key)(functools.partial(_run_typed, command))
 
     # -- running
 
@@ -244,7 +276,25 @@ class Monitor(cmd2.Cmd):
         self._idle.wait()
         if self.ws.expected.take(event.kind, event.process_id):
             return
-        self.add_alert(msg=event.message or f"server event: {event.kind}")
+        self.add_alert(msg=self._event_line(event))
+
+    def _event_line(self, event: Any) -> str:
+        """Return the alert line for a server event, with a process exit in the client's format."""
+        current = self.ws.current
+        if event.kind == "disconnected" and current is not None:
+            return closed_line(current.instance_id, str(event.message))
+        if event.kind != "process-exited" or current is None:
+            return str(event.message or f"server event: {event.kind}")
+        try:
+            processes = current.client.list_processes()
+        except BkdbgError as exc:
+            logger.info("listing processes for an exit notice failed: %s", exc)
+            return str(event.message)
+        process = next((p for p in processes if p.id == event.process_id), None)
+        if process is None:
+            return str(event.message)
+        line = exit_notice(process.id, list(process.args), process.exit_code)
+        return f"{line}; {NEXT_STEPS}" if process.id == current.process_id else line
 
     def _on_lost(self, instance_id: str, reason: str) -> None:
         self._lost = f"lost the connection to server {instance_id}: {reason}"

@@ -41,7 +41,7 @@ def read_script(path: str) -> list[ScriptLine]:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"cannot read script: {path}: {reason}") from exc
+        raise UsageError(f"cannot read script: {path}: {reason}: check the path") from exc
     lines = []
     for number, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()

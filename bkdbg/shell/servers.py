@@ -35,7 +35,9 @@ def _current_id(ws: Workspace) -> str:
 def scan(ws: Workspace) -> tuple[list[InstanceRow], list[InstanceInfo]]:
     """Probe the servers under the root; return rows of the live ones, and the stale ones.
 
-    A stale server (its process is gone) is returned once: listing removes its directory.
+    The row of the current server is marked current, or without one the newest row, which
+    `bkdbg attach` without an ID picks. A stale server (its process is gone) is returned
+    once: listing removes its directory.
     """
     live, stale = [], []
     current = _current_id(ws)
@@ -44,6 +46,9 @@ def scan(ws: Workspace) -> tuple[list[InstanceRow], list[InstanceInfo]]:
             stale.append(info)
         else:
             live.append(_row(info, current))
+    if live and not any(row.current for row in live):
+        # no current server: mark the one that default_instance picks, the newest
+        live[-1].current = True
     return live, stale
 
 
@@ -99,4 +104,5 @@ def disconnect(ws: Workspace, instance_id: str) -> str:
             other.goodbye(end_session=False)
         finally:
             other.close()
-    return f"disconnected {count} client(s) from server {instance_id}"
+    clients = "1 client" if count == 1 else f"{count} clients"
+    return f"disconnected {clients} from server {instance_id}"

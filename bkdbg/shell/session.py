@@ -13,6 +13,7 @@ from bkdbg.shell.attach import AttachEnd, AttachOutcome
 from bkdbg.shell.workspace import Workspace
 
 NEXT_STEPS = "type reload, rollback, exec or exit"
+DISCONNECTED_PREFIX = "disconnected by client "  # the reason of `bkdbg disconnect`
 TAKEN_OVER_LINE = "another client took over this session; you are at the monitor prompt"
 
 
@@ -21,10 +22,27 @@ def detach_hint(instance_id: str) -> str:
     return f"detached from server {instance_id}; it keeps running: bkdbg attach {instance_id}"
 
 
+def closed_line(instance_id: str, reason: str) -> str:
+    """Return the note printed when the server closed this client's connection."""
+    # the server's reason names the other client by its internal id (`c2`), which the
+    # user cannot act on
+    if reason.startswith(DISCONNECTED_PREFIX):
+        return (
+            "disconnected by another bkdbg client (bkdbg disconnect); "
+            f"bkdbg attach {instance_id} returns"
+        )
+    return f"server {instance_id} closed this client's connection: {reason}"
+
+
+def exit_notice(process_id: str, args: list[str], code: int) -> str:
+    """Return the one format of every note that a process ended."""
+    command = f" ({shlex.join(args)})" if args else ""
+    return f"Process {process_id}{command} exited with status {code}"
+
+
 def exit_line(outcome: AttachOutcome) -> str:
     """Return the note printed when the interactive process ends."""
-    command = f" ({shlex.join(outcome.args)})" if outcome.args else ""
-    return f"Process {outcome.process_id}{command} exited with status {outcome.code}; {NEXT_STEPS}"
+    return f"{exit_notice(outcome.process_id, outcome.args, outcome.code)}; {NEXT_STEPS}"
 
 
 def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
@@ -51,7 +69,7 @@ def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
         return 0
     if outcome.end is AttachEnd.CLOSED:
         ws.forget(instance_id)
-        ws.say(f"server {instance_id} closed this client's connection: {outcome.message}")
+        ws.say(closed_line(instance_id, outcome.message))
         return 0
     ws.forget(instance_id)
     ws.say(f"bkdbg: error: {outcome.message}")

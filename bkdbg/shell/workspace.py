@@ -8,6 +8,7 @@ monitor's `build` run the same code.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bkdbg.daemon.client import DaemonClient
-from bkdbg.daemon.messages import BuildDone, BuildEvent
+from bkdbg.daemon.messages import BuildDone, BuildEvent, ProcessInfo
 from bkdbg.errors import BkdbgError, NotAttached
 from bkdbg.options import BuildOptions, TLSConfig
 from bkdbg.progress import make_renderer
@@ -127,23 +128,37 @@ class Workspace:
 
     # -- builds and processes
 
-    def build(self, options: BuildOptions) -> BuildDone:
-        """Start a server, run the build in it and show its progress and result."""
+    def build(self, options: BuildOptions, *, goes_on: bool = False) -> BuildDone:
+        """Start a server, run the build in it and show its progress and result.
+
+        `goes_on` says that the session continues after a failed build, so the error
+        opens the failure's block (see `print_result`).
+        """
         current = self.launch()
-        return self._show_build(current, current.client.build(options), options.progress)
+        events = current.client.build(options)
+        return self._show_build(current, events, options.progress, goes_on=goes_on)
 
     def reload(self) -> BuildDone:
         """Rebuild in the current server and show it."""
         current = self.require()
-        return self._show_build(current, current.client.reload(), "auto")
+        running = self._running_processes(current)
+        replaced = current.process_id
+        done = self._show_build(current, current.client.reload(), "auto")
+        self._say_replaced(running, replaced, done.process_id, "reload")
+        return done
 
     def _show_build(
-        self, current: Current, events: Iterable[BuildEvent], progress: str
+        self,
+        current: Current,
+        events: Iterable[BuildEvent],
+        progress: str,
+        *,
+        goes_on: bool = False,
     ) -> BuildDone:
         renderer = make_renderer(progress, self.err_stream)
         done = follow_build(events, renderer)
         self.expected.add("build-finished", done.process_id)
-        print_result(done, self.err_stream)
+        print_result(done, self.err_stream, goes_on=goes_on)
         if done.process_id:
             self._started(current, done.process_id, interactive=True)
         return done
@@ -156,9 +171,37 @@ class Workspace:
     def rollback(self, init: bool) -> str:
         """Restart the interactive process; return its id."""
         current = self.require()
+        running = self._running_processes(current)
+        replaced = current.process_id
         process_id = current.client.rollback(init)
         self._started(current, process_id, interactive=True)
+        self._say_replaced(running, replaced, process_id, "rollback")
         return process_id
+
+    def _running_processes(self, current: Current) -> list[ProcessInfo]:
+        try:
+            return [p for p in current.client.list_processes() if p.state == "running"]
+        except BkdbgError as exc:
+            logger.info("listing the processes of server %s failed: %s", current.instance_id, exc)
+            return []
+
+    def _say_replaced(
+        self, running: list[ProcessInfo], replaced: str, new_id: str, command: str
+    ) -> None:
+        """Report the processes that reload or rollback ended with the old container.
+
+        Their exits are expected, so the monitor does not announce them as server events.
+        """
+        for process in running:
+            if process.id == new_id:
+                continue
+            self.expected.add("process-exited", process.id)
+            if process.id == replaced and new_id:
+                self.say(f"Process {process.id} was replaced by {new_id} ({command})")
+            else:
+                self.say(
+                    f"Process {process.id} ({shlex.join(process.args)}) was ended by {command}"
+                )
 
     def exec(self, args: list[str], *, env: list[str], user: str, cwd: str, tty: bool) -> str:
         """Start a process in the current container; return its id."""

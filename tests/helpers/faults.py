@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pexpect
 
-from tests.helpers.buildkit import running_build_containers
 from tests.helpers.pty import PtySession, pty_env, spawn_pty
 
 # the console script that `pip install -e .` put beside this Python, else the module
@@ -190,20 +189,6 @@ def assert_no_servers(root: Path, pids: Sequence[int] = ()) -> None:
 
 
 # ---------------------------------------------------------------- measuring a server
-
-
-def running_containers(attempts: int = 5) -> set[str]:
-    """Return the ids of the running build containers, retrying a failed `runc list`.
-
-    `runc list` fails when a container it found is deleted before it reads its state,
-    which happens while other builds run on the same engine.
-    """
-    for _ in range(attempts - 1):
-        try:
-            return set(running_build_containers())
-        except RuntimeError:
-            time.sleep(0.2)
-    return set(running_build_containers())
 
 
 @dataclass(frozen=True)
