@@ -220,6 +220,7 @@ def test_server_killed_clients_told(buildkit_addr, context, root):
             lines = [line for line in client.term.output.splitlines() if "not running" in line]
             assert len(lines) == 1, client.term.output[-2000:]
 
+    run_bkdbg("list")  # removes the dead server's directory unless a client already did
     assert_no_servers(root, [pid])
 
 

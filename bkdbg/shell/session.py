@@ -102,7 +102,7 @@ def run_piped(ws: Workspace, process_id: str) -> int:
     if outcome.end is AttachEnd.EXITED:
         if outcome.message:
             # the server's message gives the reason (released, command not found)
-            ws.say(f"bkdbg: process {outcome.process_id}: {outcome.message}")
+            ws.say(f"bkdbg: error: process {outcome.process_id}: {outcome.message}")
         ws.leave(end_session=True)
         return outcome.code
     status = report(ws, outcome)

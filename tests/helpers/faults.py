@@ -182,7 +182,12 @@ def stop_servers(root: Path) -> None:
 def assert_no_servers(root: Path, pids: Sequence[int] = ()) -> None:
     """Check that no server is left: no instance directory, no row in `bkdbg list`, and
     none of `pids` (servers seen during the test) still running."""
-    wait_for(lambda: not instance_ids(root), STOP_TIMEOUT, f"no instance dirs under {root}")
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while instance_ids(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = {i: sorted(p.name for p in (root / i).iterdir()) for i in instance_ids(root)}
+    listing = run_bkdbg("list", "--root", str(root))
+    assert not left, f"instance dirs left under {root}: {left}\n{describe(listing)}"
     assert listed_ids(root) == []
     for pid in pids:
         wait_for(lambda pid=pid: not pid_running(pid), STOP_TIMEOUT, f"server pid {pid} to exit")
