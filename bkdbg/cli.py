@@ -337,9 +337,14 @@ def _run_kill(args: argparse.Namespace, ws: Workspace) -> int:
         ids = [row.instance_id for row in servers.instance_rows(ws)]
     else:
         ids = args.ids or [_only_instance(ws, "kill")]
+    status = 0
     for instance_id in ids:
-        print(servers.kill(ws, instance_id))
-    return 0
+        # one server that cannot be killed must not spare the others named after it
+        try:
+            print(servers.kill(ws, instance_id))
+        except BkdbgError as exc:
+            status = _report(exc, ws.debug)
+    return status
 
 
 def _run_disconnect(args: argparse.Namespace, ws: Workspace) -> int:

@@ -7,7 +7,7 @@ import time
 
 from bkdbg.daemon import client as daemon_client
 from bkdbg.daemon.messages import InstanceInfo
-from bkdbg.errors import UnknownInstance
+from bkdbg.errors import ServerUnreachable, UnknownInstance
 from bkdbg.shell.tables import InstanceRow, instance_table
 from bkdbg.shell.workspace import Workspace
 
@@ -88,8 +88,13 @@ def default_instance(ws: Workspace) -> str:
 
 def kill(ws: Workspace, instance_id: str) -> str:
     """Stop a server at once and remove its directory; return the line to print."""
-    daemon_client.kill_instance(ws.root, instance_id)
+    outcome = daemon_client.kill_instance(ws.root, instance_id)
     ws.forget(instance_id)
+    if outcome == "stale":
+        raise ServerUnreachable(
+            f"bkdbg server {instance_id} was not running: its stale directory was removed: "
+            "run bkdbg list to see the servers that are"
+        )
     return f"killed server {instance_id}"
 
 
