@@ -23,7 +23,7 @@ from bkdbg import __version__
 from bkdbg.errors import BkdbgError, ProcessExit, UsageError
 from bkdbg.options import parse_choice, parse_duration
 from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_config
-from bkdbg.shell.workspace import Launcher, Workspace
+from bkdbg.shell.workspace import Current, Launcher, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -303,11 +303,35 @@ def _run_attach(args: argparse.Namespace, ws: Workspace) -> int:
 
     instance_id = args.id or servers.default_instance(ws)
     current = ws.connect(instance_id)
+    _wait_for_build(ws, current)
     if not ws.local.interactive and current.process_id:
         return session.run_piped(ws, current.process_id)
     if not current.process_id:
         ws.say(f"server {instance_id} has no running process: type rollback, exec or reload")
     return session.interactive(ws, current.process_id)
+
+
+def _wait_for_build(ws: Workspace, current: Current) -> None:
+    """Wait until the server's build ends, so that attach lands in the process it starts."""
+    client = current.client
+    if client.info().build_state != "building":
+        return
+    ws.say(
+        f"server {current.instance_id} is still building: waiting for it "
+        "(Ctrl-C stops waiting, the build goes on)"
+    )
+    events = client.events()
+    try:
+        # the build may have ended before the event stream was open
+        if client.info().build_state == "building":
+            for event in events:
+                if event.kind == "build-finished":
+                    break
+    finally:
+        events.close()
+    info = client.info()
+    current.process_id = info.current_process
+    current.last_exit = info.last_exit_code
 
 
 def _run_list(_args: argparse.Namespace, ws: Workspace) -> int:

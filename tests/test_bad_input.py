@@ -43,7 +43,7 @@ DOCKERFILE = f"FROM {TEST_IMAGE} AS base\nRUN echo built > /built\n"
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    """The BKDBG_ROOT of this test; servers a failed test left are stopped afterwards."""
+    """The BKDBG_ROOT of this test. Servers that a failed test left are stopped afterwards."""
     path = Path(os.environ["BKDBG_ROOT"])
     yield path
     stop_servers(path)
@@ -152,16 +152,26 @@ LOCAL_CASES = {
     ),
     "tls-ca-missing": Case(
         lambda c, tmp: [
-            "--addr", "tcp://127.0.0.1:1234", "--tlscacert", str(tmp / "ca.pem"), "build", str(c)
+            "--addr",
+            "tcp://127.0.0.1:1234",
+            "--tlscacert",
+            str(tmp / "ca.pem"),
+            "build",
+            str(c),
         ],
         lambda _c, tmp: str(tmp / "ca.pem"),
         r"check|give|pass",
     ),
     "tls-key-missing": Case(
         lambda c, tmp: [
-            "--addr", "tcp://127.0.0.1:1234",
-            "--tlscert", str(tmp / "cert.pem"), "--tlskey", str(tmp / "key.pem"),
-            "build", str(c),
+            "--addr",
+            "tcp://127.0.0.1:1234",
+            "--tlscert",
+            str(tmp / "cert.pem"),
+            "--tlskey",
+            str(tmp / "key.pem"),
+            "build",
+            str(c),
         ],
         lambda _c, tmp: str(tmp / "cert.pem"),
         r"check|give|pass",
@@ -218,7 +228,7 @@ def test_unreachable_tcp_port(context: Path, root: Path) -> None:
 
 @pytest.fixture
 def engine(buildkit_addr: str, no_leaked_containers: None) -> str:
-    """The local BuildKit's address; the test fails if it leaves a build container running."""
+    """Return the local BuildKit's address. The test fails if it leaves a build container."""
     return buildkit_addr
 
 
@@ -249,7 +259,10 @@ def test_invoke_command_not_in_image(engine: str, context: Path, root: Path) -> 
 
 
 def start_detached_server(engine: str, context: Path, tmp_path: Path, root: Path) -> str:
-    """Start a server with a shell through `bkdbg run-script`, leave it running, return its id."""
+    """Start a server with a shell through `bkdbg run-script`, and return its id.
+
+    The script ends with `detach`, so the server keeps running.
+    """
     script = tmp_path / "start.txt"
     script.write_text(f"build --progress quiet --invoke sh {context}\ndetach\n")
     result = run_bkdbg("--addr", engine, "run-script", str(script))
@@ -258,9 +271,7 @@ def start_detached_server(engine: str, context: Path, tmp_path: Path, root: Path
 
 
 @pytest.mark.parametrize("verb", ["attach", "kill"])
-def test_dead_server_id(
-    verb: str, engine: str, context: Path, tmp_path: Path, root: Path
-) -> None:
+def test_dead_server_id(verb: str, engine: str, context: Path, tmp_path: Path, root: Path) -> None:
     instance_id = start_detached_server(engine, context, tmp_path, root)
     pid = server_pid(root, instance_id)
     os.kill(pid, signal.SIGKILL)
@@ -280,7 +291,7 @@ def test_dead_server_id(
 
 
 def script_error(result: subprocess.CompletedProcess[str], script: Path, line: int) -> str:
-    """Check the failed script printed one stderr line that starts with FILE:LINE:."""
+    """Check that the failed script printed one stderr line, starting with FILE:LINE:."""
     assert result.returncode != 0, describe(result)
     assert "Traceback" not in result.stderr + result.stdout, describe(result)
     text = only_stderr_line(result)
@@ -296,7 +307,7 @@ def test_script_missing(tmp_path: Path, root: Path) -> None:
 
 
 def test_script_unreadable(tmp_path: Path, root: Path) -> None:
-    # root reads any file whatever its mode, so a directory stands for an unreadable file
+    # root reads any file whatever its mode, so a directory is used as an unreadable file
     directory = tmp_path / "script.d"
     directory.mkdir()
     check_error(run_bkdbg("run-script", str(directory)), str(directory), r"check|give|file")

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def test_pid_alive_zombie_counts_as_dead() -> None:
 def test_pid_alive_checks_instance_id() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "abcdef12"])
     try:
+        # right after fork the child still shows the parent's command line until it execs
+        deadline = time.monotonic() + 5
+        cmdline = Path(f"/proc/{child.pid}/cmdline")
+        while b"abcdef12" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert pid_alive(child.pid, "abcdef12")
         assert not pid_alive(child.pid, "12345678")
     finally:

@@ -1,7 +1,9 @@
 """Faults that a debugging session must survive, through the real `bkdbg` command and the
-real local BuildKit: killed clients and servers, many reloads and rollbacks in one server,
-1 GB of output with no client attached, two clients on one process, a client that
-vanishes mid-stream, and stdin closed early.
+real local BuildKit.
+
+The faults are killed clients and servers, many reloads and rollbacks in one server, 1 GB
+of output with no client attached, two clients on one process, a client that vanishes
+mid-stream, and stdin closed early.
 
 Every test ends by checking that no server and no build container is left. The measuring
 tests print what they measured (run pytest with -s to see it).
@@ -32,8 +34,10 @@ from tests.helpers.faults import (
     SHELL_PROMPT,
     Usage,
     assert_no_servers,
+    client_pid,
     describe,
     expect_in_shell,
+    expect_match,
     kill_client,
     listed_ids,
     only_instance,
@@ -52,7 +56,7 @@ from tests.helpers.pty import PtySession
 
 pytestmark = [pytest.mark.faults, pytest.mark.pty, pytest.mark.slow]
 
-LOST_SERVER_WAIT = 2.0  # seconds within which a client must report its server's death
+NOTICE_WAIT = 2.0  # seconds within which a client must report a dead server or a take-over
 DETACHED_OUTPUT_DELAY = 2  # seconds after the kill at which the shell prints a line
 
 ROLLBACK_CYCLES = 100
@@ -65,13 +69,15 @@ RSS_TOLERANCE_KIB = 24 * 1024
 
 LARGE_OUTPUT = 1 << 30  # bytes, written by `head -c` with no client attached
 MAX_SERVER_RSS_KIB = 200 * 1024
-MAX_REPLAY = 1 << 20  # bytes; the server keeps about 256 KiB per process
+MAX_REPLAY = 1 << 20  # bytes, well above the 256 KiB of output the server keeps per process
 
 
 @pytest.fixture
 def root(no_leaked_containers: None) -> Iterator[Path]:
-    """The BKDBG_ROOT of this test; servers a failed test left are stopped before
-    `no_leaked_containers` looks for build containers."""
+    """The BKDBG_ROOT of this test.
+
+    Servers that a failed test left are stopped before `no_leaked_containers` looks.
+    """
     path = Path(os.environ["BKDBG_ROOT"])
     yield path
     stop_servers(path)
@@ -101,10 +107,15 @@ def end_session(term: PtySession) -> None:
 # ---------------------------------------------------------------- kill -9 of the client
 
 
-def kill_client_during_build(addr: str, make_context: MakeContext, root: Path) -> tuple[str, int]:
-    """Start a build with a 3 s step, kill -9 the client in that step; return id and pid."""
-    nonce = time.time_ns()  # a new RUN line, so that BuildKit cannot take it from its cache
-    context = make_context(shell_dockerfile(f"RUN echo built-{nonce} > /marker && sleep 3"))
+def kill_client_during_build(
+    addr: str, make_context: MakeContext, root: Path
+) -> tuple[str, int, str]:
+    """Start a build with a 3 s step and kill -9 the client in that step.
+
+    Returns the server's id and pid, and the text that the step wrote to /marker.
+    """
+    marker = f"built-{time.time_ns()}"  # a new RUN line, which BuildKit cannot take from cache
+    context = make_context(shell_dockerfile(f"RUN echo {marker} > /marker && sleep 3"))
     with spawn_bkdbg(*build_args(addr, context), root=root) as term:
         term.expect_exact("sleep 3", timeout=BUILD_TIMEOUT)
         instance_id = only_instance(root)
@@ -112,38 +123,41 @@ def kill_client_during_build(addr: str, make_context: MakeContext, root: Path) -
         kill_client(term)
     assert listed_ids(root) == [instance_id]
     assert pid_running(pid)
-    return instance_id, pid
+    return instance_id, pid, marker
 
 
 def build_state(instance_id: str) -> str:
     """Return the BUILD column of `bkdbg list` for one server."""
-    for line in run_bkdbg("list").stdout.splitlines():
+    lines = run_bkdbg("list").stdout.splitlines()
+    header = next(line for line in lines if line.startswith("ID "))
+    column = header.index("BUILD")
+    for line in lines:
         if line.startswith(instance_id):
-            return next(word for word in line.split() if word.startswith("buil"))
-    raise AssertionError(f"bkdbg list has no row for {instance_id}")
+            return line[column:].split()[0]
+    raise AssertionError(f"bkdbg list has no row for {instance_id}: {lines}")
 
 
 def test_client_killed_during_build(buildkit_addr, make_context, root):
-    instance_id, pid = kill_client_during_build(buildkit_addr, make_context, root)
+    instance_id, pid, marker = kill_client_during_build(buildkit_addr, make_context, root)
     wait_for(lambda: build_state(instance_id) != "building", BUILD_TIMEOUT, "the build to end")
 
     with spawn_bkdbg("attach", instance_id, root=root) as term:
         # the shell started while no client was attached: its banner is replayed
         term.expect_exact("built-in shell")
         term.expect_exact(SHELL_PROMPT)
-        expect_in_shell(term, "cat /marker", "built-")
+        expect_in_shell(term, "cat /marker", marker)
         end_session(term)
     assert_no_servers(root, [pid])
 
 
 def test_attach_while_build_runs(buildkit_addr, make_context, root):
-    instance_id, pid = kill_client_during_build(buildkit_addr, make_context, root)
+    instance_id, pid, marker = kill_client_during_build(buildkit_addr, make_context, root)
     assert build_state(instance_id) == "building"
 
     with spawn_bkdbg("attach", instance_id, root=root) as term:
         # attaching during the build follows it to the shell that --invoke starts
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
-        expect_in_shell(term, "cat /marker", "built-")
+        expect_in_shell(term, "cat /marker", marker)
         end_session(term)
     assert_no_servers(root, [pid])
 
@@ -153,8 +167,8 @@ def test_client_killed_in_shell(buildkit_addr, context, root):
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
         instance_id = only_instance(root)
         pid = server_pid(root, instance_id)
-        # the file holds kept-42 and the typed line does not, so the check below is not
-        # fooled by the replayed echo of this line
+        # the file contains kept-42 and the typed line does not, so the replayed echo of
+        # this line cannot satisfy the check after the attach
         expect_in_shell(term, "echo kept-$((40+2)) > /kept", SHELL_PROMPT)
         term.sendline(f"(sleep {DETACHED_OUTPUT_DELAY}; echo while-detached-$((6*7))) &")
         term.expect_exact(SHELL_PROMPT)
@@ -189,7 +203,7 @@ def test_client_killed_at_monitor(buildkit_addr, context, root):
 # ---------------------------------------------------------------- kill -9 of the server
 
 
-def test_server_killed_clients_told(buildkit_addr, context, root):
+def test_killed_server_reported_by_clients(buildkit_addr, context, root):
     with outer_shell(root) as first, outer_shell(root) as second:
         settings = first.stty(), second.stty()
         first.start(f"{BKDBG_SHELL} {' '.join(build_args(buildkit_addr, context))}")
@@ -206,10 +220,10 @@ def test_server_killed_clients_told(buildkit_addr, context, root):
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         for client in (second, first):
-            remaining = max(0.1, LOST_SERVER_WAIT - (time.monotonic() - killed))
+            remaining = max(0.1, NOTICE_WAIT - (time.monotonic() - killed))
             client.term.expect_exact(instance_id, timeout=remaining)
-        told = time.monotonic() - killed
-        print(f"\nboth clients reported the dead server {told:.2f} s after kill -9")
+        reported = time.monotonic() - killed
+        print(f"\nboth clients reported the dead server {reported:.2f} s after kill -9")
 
         statuses = first.exit_status(), second.exit_status()
         assert statuses[0] != 0
@@ -225,8 +239,9 @@ def test_server_killed_clients_told(buildkit_addr, context, root):
 
 
 def test_list_prunes_dead_server(buildkit_addr, context, root, tmp_path):
-    run_script([f"build --progress quiet --invoke sh {context}", "detach"], tmp_path,
-               addr=buildkit_addr)
+    run_script(
+        [f"build --progress quiet --invoke sh {context}", "detach"], tmp_path, addr=buildkit_addr
+    )
     instance_id = only_instance(root)
     pid = server_pid(root, instance_id)
     os.kill(pid, signal.SIGKILL)
@@ -243,10 +258,11 @@ def test_list_prunes_dead_server(buildkit_addr, context, root, tmp_path):
 # ---------------------------------------------------------------- many cycles in one server
 
 
-def run_script(
-    lines: list[str], tmp_path: Path, *, addr: str = "", attach: str = ""
-) -> float:
-    """Run `lines` with `bkdbg run-script` (against server `attach` if given); return seconds."""
+def run_script(lines: list[str], tmp_path: Path, *, addr: str = "", attach: str = "") -> float:
+    """Run `lines` with `bkdbg run-script` and return the seconds it took.
+
+    With `attach`, the script runs against that existing server.
+    """
     script = tmp_path / f"script-{time.monotonic_ns()}.txt"
     script.write_text("\n".join(lines) + "\n")
     args = ["--addr", addr] if addr else []
@@ -291,15 +307,19 @@ def test_rollback_reload_cycles_do_not_grow(buildkit_addr, context, root, tmp_pa
     rollbacks = [dirty, "rollback"] * ROLLBACK_CYCLES + ["exec cat /built"]
     seconds = run_script(rollbacks, tmp_path, attach=instance_id)
     after_rollbacks = measure(root, instance_id, pid)
-    print(f"\n{ROLLBACK_CYCLES} exec+rollback cycles in {seconds:.0f} s: "
-          f"{start[0]}, {start[1]} container -> {after_rollbacks[0]}, {after_rollbacks[1]}")
+    print(
+        f"\n{ROLLBACK_CYCLES} exec+rollback cycles in {seconds:.0f} s: "
+        f"{start[0]}, {start[1]} container -> {after_rollbacks[0]}, {after_rollbacks[1]}"
+    )
 
     reloads = [dirty, "reload"] * RELOAD_CYCLES + ["exec cat /built"]
     seconds = run_script(reloads, tmp_path, attach=instance_id)
     after_reloads = measure(root, instance_id, pid)
-    print(f"{RELOAD_CYCLES} exec+reload cycles in {seconds:.0f} s: "
-          f"{after_rollbacks[0]}, {after_rollbacks[1]} container -> "
-          f"{after_reloads[0]}, {after_reloads[1]}")
+    print(
+        f"{RELOAD_CYCLES} exec+reload cycles in {seconds:.0f} s: "
+        f"{after_rollbacks[0]}, {after_rollbacks[1]} container -> "
+        f"{after_reloads[0]}, {after_reloads[1]}"
+    )
 
     assert_no_growth("rollback cycles", start, after_rollbacks)
     assert_no_growth("reload cycles", after_rollbacks, after_reloads)
@@ -319,8 +339,11 @@ def test_large_output_while_detached(buildkit_addr, make_context, root, tmp_path
     context = make_context(shell_dockerfile("COPY writer.sh /writer.sh"), {"writer.sh": writer})
     # no tty: the output goes through pipes, and stdin can be closed by the piped attach
     invoke = "entrypoint=sh,args=/writer.sh,tty=false"
-    run_script([f"build --progress quiet --invoke {invoke} {context}", "detach"], tmp_path,
-               addr=buildkit_addr)
+    run_script(
+        [f"build --progress quiet --invoke {invoke} {context}", "detach"],
+        tmp_path,
+        addr=buildkit_addr,
+    )
     instance_id = only_instance(root)
     pid = server_pid(root, instance_id)
     before = process_usage(pid)
@@ -342,8 +365,10 @@ def test_large_output_while_detached(buildkit_addr, make_context, root, tmp_path
     elapsed = time.monotonic() - started
 
     result = run_bkdbg("attach", instance_id, stdin="go\n")
-    print(f"\n{LARGE_OUTPUT} bytes with no client in {elapsed:.0f} s; server {before} -> "
-          f"peak RSS {peak / 1024:.1f} MiB; attach replayed {len(result.stdout)} characters")
+    print(
+        f"\n{LARGE_OUTPUT} bytes with no client in {elapsed:.0f} s; server {before} -> "
+        f"peak RSS {peak / 1024:.1f} MiB; attach replayed {len(result.stdout)} characters"
+    )
     assert result.returncode == 0, describe(result)
     assert result.stdout.endswith("THE-END\nread: go\n"), result.stdout[-200:]
     assert len(result.stdout) <= MAX_REPLAY
@@ -361,7 +386,7 @@ def test_second_client_takes_over_and_back(buildkit_addr, context, root):
         pid = server_pid(root, instance_id)
 
         with spawn_bkdbg("attach", instance_id, root=root) as second:
-            first.expect_exact("another client took over", timeout=LOST_SERVER_WAIT)
+            first.expect_exact("another client took over", timeout=NOTICE_WAIT)
             first.expect_exact(MONITOR_PROMPT)
             expect_in_shell(second, "echo second-$((6*7))", "second-42")
             # the first client's monitor still works, and its keys reach no process
@@ -371,7 +396,7 @@ def test_second_client_takes_over_and_back(buildkit_addr, context, root):
 
             # `attach` at the first client's monitor takes the process back
             first.sendline("attach")
-            second.expect_exact("another client took over", timeout=LOST_SERVER_WAIT)
+            second.expect_exact("another client took over", timeout=NOTICE_WAIT)
             second.expect_exact(MONITOR_PROMPT)
             expect_in_shell(first, "echo first-$((6*7))", "first-42")
             assert "first-42" not in second.output
@@ -396,10 +421,9 @@ def test_client_gone_mid_stream(signum, buildkit_addr, context, root):
         instance_id = only_instance(root)
         pid = server_pid(root, instance_id)
         term.sendline("i=0; while :; do i=$((i+1)); echo tick-$i; done")
-        term.child.expect(r"tick-(\d+)\r\n")
-        term.child.expect(r"tick-(\d+)\r\n")
-        seen_before = int(term.child.match.group(1))
-        os.kill(term.child.pid, signum)
+        expect_match(term, r"tick-(\d+)\r\n")
+        seen_before = int(expect_match(term, r"tick-(\d+)\r\n").group(1))
+        os.kill(client_pid(term), signum)
         wait_for(lambda: not term.child.isalive(), 5, "the client to exit")
 
     peak = process_usage(pid).rss_kib
@@ -409,9 +433,9 @@ def test_client_gone_mid_stream(signum, buildkit_addr, context, root):
     assert listed_ids(root) == [instance_id]
 
     with spawn_bkdbg("attach", instance_id, root=root) as term:
-        term.child.expect(r"tick-(\d+)\r\n", timeout=10)
-        term.child.expect(r"tick-(\d+)\r\n", timeout=10)
-        assert int(term.child.match.group(1)) > seen_before
+        # the first line may be the replayed tail, the second is written after the attach
+        expect_match(term, r"tick-(\d+)\r\n")
+        assert int(expect_match(term, r"tick-(\d+)\r\n").group(1)) > seen_before
         term.sendcontrol("c")  # stops the loop; the shell survives
         expect_in_shell(term, "echo stopped-$((1+1))", "stopped-2", timeout=20)
         end_session(term)

@@ -30,7 +30,7 @@ from tests.helpers.faults import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
-OTHER_UID = 65534  # nobody; switching to a uid needs no passwd entry
+OTHER_UID = 65534  # the uid of nobody, but switching to a uid needs no passwd entry
 CONNECT_TIMEOUT = 5.0
 # the HTTP/2 client connection preface (RFC 9113, section 3.4) that a gRPC client sends first
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -39,7 +39,7 @@ SECRET_ENV = "SECRET_TOKEN"
 
 @pytest.fixture
 def root(no_leaked_containers: None) -> Iterator[Path]:
-    """The BKDBG_ROOT of this test; servers a failed test left are stopped afterwards."""
+    """The BKDBG_ROOT of this test. Servers that a failed test left are stopped afterwards."""
     path = Path(os.environ["BKDBG_ROOT"])
     yield path
     stop_servers(path)
@@ -68,8 +68,8 @@ def mode(path: Path) -> str:
 
 
 def test_modes_under_open_umask(buildkit_addr, context, tmp_path):
-    # a root that bkdbg creates itself, so that its mode comes from bkdbg too; it sits in
-    # /tmp because a socket path must stay under 108 bytes
+    # bkdbg creates this root itself, so its mode comes from bkdbg too. It is in /tmp
+    # because a socket path must stay under 108 bytes.
     root = Path(f"/tmp/bkdbg-umask-{os.getpid()}-{time.monotonic_ns()}")
     try:
         start_server(buildkit_addr, context, tmp_path, "--root", str(root), umask=0)
@@ -101,7 +101,7 @@ def test_modes_under_open_umask(buildkit_addr, context, tmp_path):
 
 
 def closed_without_answer(sock: socket.socket) -> bool:
-    """Send the HTTP/2 preface; return whether the server closed the connection unanswered."""
+    """Send the HTTP/2 preface and return whether the server closed the connection unanswered."""
     try:
         sock.sendall(H2_PREFACE)
         return sock.recv(4096) == b""
@@ -112,8 +112,8 @@ def closed_without_answer(sock: socket.socket) -> bool:
 def in_child_as_other_uid(path: Path, keep_file_access: bool) -> int:
     """Connect to the socket `path` from a forked child whose effective uid is OTHER_UID.
 
-    Returns the child's exit code: 0 the server closed the connection unanswered, 1 it
-    answered, 2 the connect was denied by file permissions, 3 anything else.
+    Returns the child's exit code: 0 if the server closed the connection without a
+    response, 1 if it sent one, 2 if file permissions denied the connect, 3 otherwise.
 
     With `keep_file_access`, the child keeps the real and saved uid 0 and sets its
     filesystem uid back to 0 (setfsuid), so that it passes the 0700 directory and 0600
@@ -160,7 +160,8 @@ def test_other_uid_rejected(buildkit_addr, context, root, tmp_path):
     assert in_child_as_other_uid(public, keep_file_access=True) == 0
 
     refusals = [
-        line for line in server_log(root, instance_id).splitlines()
+        line
+        for line in server_log(root, instance_id).splitlines()
         if "reject" in line and str(OTHER_UID) in line
     ]
     assert len(refusals) == 1, server_log(root, instance_id)
@@ -214,8 +215,17 @@ def secret_context(make_context: MakeContext, fail: bool = False) -> Path:
 def test_secret_not_in_progress(progress, buildkit_addr, make_context, root, secret, secret_env):
     context = secret_context(make_context)
     result = run_bkdbg(
-        "--addr", buildkit_addr, "--debug", "build", "--progress", progress,
-        "--secret", f"id=tok,env={SECRET_ENV}", "--invoke", "cat /tokhash", str(context),
+        "--addr",
+        buildkit_addr,
+        "--debug",
+        "build",
+        "--progress",
+        progress,
+        "--secret",
+        f"id=tok,env={SECRET_ENV}",
+        "--invoke",
+        "cat /tokhash",
+        str(context),
         env=secret_env,
     )
     assert result.returncode == 0, describe(result)
@@ -266,22 +276,48 @@ def test_secret_not_in_errors(buildkit_addr, make_context, root, tmp_path, secre
     secret_file.write_text(secret)
     runs = {
         "failed build": [
-            "--addr", buildkit_addr, "--debug", "build", "--progress", "plain",
-            "--secret", f"id=tok,env={SECRET_ENV}", str(failing),
+            "--addr",
+            buildkit_addr,
+            "--debug",
+            "build",
+            "--progress",
+            "plain",
+            "--secret",
+            f"id=tok,env={SECRET_ENV}",
+            str(failing),
         ],
-        # the shell in the failed step's state runs `cat`, whose status 1 is bkdbg's
+        # the shell in the failed step's state runs `cat`, and bkdbg exits with its status 1
         "failed build with --invoke on error": [
-            "--addr", buildkit_addr, "build", "--progress", "rawjson",
-            "--secret", f"id=tok,src={secret_file}", "--invoke", "cat /nonexistent",
-            "--on", "error", str(failing),
+            "--addr",
+            buildkit_addr,
+            "build",
+            "--progress",
+            "rawjson",
+            "--secret",
+            f"id=tok,src={secret_file}",
+            "--invoke",
+            "cat /nonexistent",
+            "--on",
+            "error",
+            str(failing),
         ],
         "bad flag beside the secret": [
-            "--addr", buildkit_addr, "build", "--secret", f"id=tok,env={SECRET_ENV}",
-            "--build-arg", "=x", str(failing),
+            "--addr",
+            buildkit_addr,
+            "build",
+            "--secret",
+            f"id=tok,env={SECRET_ENV}",
+            "--build-arg",
+            "=x",
+            str(failing),
         ],
         "unreachable BuildKit": [
-            "--addr", f"unix://{tmp_path}/none.sock", "build",
-            "--secret", f"id=tok,env={SECRET_ENV}", str(failing),
+            "--addr",
+            f"unix://{tmp_path}/none.sock",
+            "build",
+            "--secret",
+            f"id=tok,env={SECRET_ENV}",
+            str(failing),
         ],
     }
     for name, args in runs.items():

@@ -250,6 +250,7 @@ def list_instances(root: Path) -> list[InstanceRecord]:
         entries = list(root.iterdir())
     except FileNotFoundError:
         return []
+    _finish_removals(entries)
     records = [
         read_record(InstancePaths(root, entry.name))
         for entry in entries
@@ -345,10 +346,32 @@ def _proc_state(pid: int) -> str:
     return text.rpartition(")")[2].split()[0] if ")" in text else ""
 
 
+REMOVING_PREFIX = ".removing-"
+
+
 def remove_instance(paths: InstancePaths) -> None:
-    """Remove an instance directory and everything in it; a missing directory is fine."""
-    shutil.rmtree(paths.directory, ignore_errors=True)
+    """Remove an instance directory and everything in it; a missing directory is fine.
+
+    The directory is first renamed out of the instance namespace, so that a remover that
+    dies halfway (a client exiting while its background refresh prunes) never leaves a
+    half-empty instance for `list` to misread; `list_instances` finishes such leftovers.
+    """
+    doomed = paths.root / f"{REMOVING_PREFIX}{paths.instance_id}-{secrets.token_hex(4)}"
+    try:
+        os.rename(paths.directory, doomed)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        logger.warning("cannot rename %s before removing it: %s", paths.directory, exc)
+        doomed = paths.directory
+    shutil.rmtree(doomed, ignore_errors=True)
     logger.info("removed instance directory %s", paths.directory)
+
+
+def _finish_removals(entries: list[Path]) -> None:
+    for entry in entries:
+        if entry.name.startswith(REMOVING_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def remove_keeping_log(paths: InstancePaths) -> Path:

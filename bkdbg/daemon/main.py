@@ -18,7 +18,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
-from bkdbg.daemon.backend import Backend
+from bkdbg.daemon.backend import Backend, BuildHandle, ProgressSink
 from bkdbg.daemon.instances import (
     InstancePaths,
     create_instance,
@@ -32,6 +32,7 @@ from bkdbg.errors import BkdbgError, ServerError
 
 if TYPE_CHECKING:
     from bkdbg.daemon.client import DaemonClient
+    from bkdbg.options import BuildOptions
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,25 @@ LOG_FORMAT = "%(asctime)s {id} pid=%(process)d [%(threadName)s] %(levelname)s %(
 
 def default_backend() -> Backend:
     """Return the backend that talks to BuildKit through `bkdbg.gateway`."""
-    from bkdbg.daemon.gateway_backend import GatewayBackend
+    return _DeferredGatewayBackend()
 
-    return GatewayBackend()
+
+class _DeferredGatewayBackend:
+    """`GatewayBackend`, imported only when a build starts.
+
+    `bkdbg.gateway` and BuildKit's stubs take about 75 ms to import, and a launching client
+    waits for the ready line. `serve_main` imports them in a thread once it has written
+    that line, so the import overlaps the client's Hello and Build.
+    """
+
+    def start_build(self, options: BuildOptions, on_progress: ProgressSink) -> BuildHandle:
+        from bkdbg.daemon.gateway_backend import GatewayBackend
+
+        return GatewayBackend().start_build(options, on_progress)
+
+
+def _import_gateway() -> None:
+    import bkdbg.daemon.gateway_backend  # noqa: F401
 
 
 def serve_main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
@@ -62,6 +79,8 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None) ->
         logger.exception("server %s could not start", args.id)
         return 1
     _notify_ready(args.ready_fd)
+    if isinstance(server.session.backend, _DeferredGatewayBackend):
+        threading.Thread(target=_import_gateway, name="import-gateway", daemon=True).start()
     _wait_stopped(server)
     logger.info("exiting: %s", server.stop_reason)
     log_file.flush()

@@ -72,12 +72,11 @@ def run_bkdbg(
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """Check that a failed command printed exactly one error line; return that line.
+    """Check that a failed command printed exactly one error line, and return that line.
 
-    The line is the only non-blank line on stderr and starts with `bkdbg: error: `. Progress
-    output (lines of `--progress plain`, which start with `#`) is ignored, and so is a
-    source excerpt that BuildKit attaches to a Dockerfile error, which `bkdbg` prints
-    before the error line.
+    Exactly one stderr line starts with `bkdbg: error: `. Other stderr lines are allowed,
+    because a build prints its progress and, for a Dockerfile error, BuildKit's excerpt
+    of the source.
     """
     report = describe(result)
     assert result.returncode != 0, f"exit status 0\n{report}"
@@ -90,7 +89,7 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def only_stderr_line(result: subprocess.CompletedProcess[str]) -> str:
-    """Return the single non-blank stderr line of `result`; fail if there are more or none."""
+    """Return the only non-blank stderr line of `result`, and fail if there are more or none."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected exactly one line on stderr\n{describe(result)}"
     return lines[0]
@@ -122,7 +121,7 @@ def listed_ids(root: Path) -> list[str]:
 
 
 def only_instance(root: Path, timeout: float = STOP_TIMEOUT) -> str:
-    """Wait until exactly one instance directory exists under `root`; return its id."""
+    """Wait until exactly one instance directory exists under `root`, and return its id."""
     wait_for(lambda: len(instance_ids(root)) == 1, timeout, f"one instance under {root}")
     return instance_ids(root)[0]
 
@@ -148,11 +147,11 @@ def pid_running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` every 50 ms; fail with `what` if it is not true within `timeout` s."""
+def wait_for(condition: Callable[[], bool], timeout: float, description: str) -> None:
+    """Poll `condition` every 50 ms, and fail if it is not true within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {description}"
         time.sleep(0.05)
 
 
@@ -190,7 +189,11 @@ def assert_no_servers(root: Path, pids: Sequence[int] = ()) -> None:
     assert not left, f"instance dirs left under {root}: {left}\n{describe(listing)}"
     assert listed_ids(root) == []
     for pid in pids:
-        wait_for(lambda pid=pid: not pid_running(pid), STOP_TIMEOUT, f"server pid {pid} to exit")
+        wait_for(_exited(pid), STOP_TIMEOUT, f"server pid {pid} to exit")
+
+
+def _exited(pid: int) -> Callable[[], bool]:
+    return lambda: not pid_running(pid)
 
 
 # ---------------------------------------------------------------- measuring a server
@@ -235,7 +238,7 @@ def bkdbg_pty_env(**extra: str) -> dict[str, str]:
 
 @contextmanager
 def spawn_bkdbg(*args: str, root: Path, env: dict[str, str] | None = None) -> Iterator[PtySession]:
-    """Run `bkdbg ARGS` on a new pty; a failure report includes the server logs under `root`."""
+    """Run `bkdbg ARGS` on a new pty. A failure report includes the server logs under `root`."""
     with spawn_pty([*BKDBG, *args], env=env or bkdbg_pty_env()) as term:
         term.log_files = _LogFiles(root)  # type: ignore[assignment]
         yield term
@@ -264,9 +267,28 @@ def to_monitor(term: PtySession) -> None:
     term.expect_exact(MONITOR_PROMPT)
 
 
+def expect_match(term: PtySession, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    """Wait for the regular expression `pattern` in the output and return its match."""
+    try:
+        term.child.expect(pattern, timeout=timeout)
+    except pexpect.TIMEOUT:
+        term.fail(f"timed out after {timeout}s waiting for /{pattern}/")
+    except pexpect.EOF:
+        term.fail(f"program exited while waiting for /{pattern}/")
+    match = term.child.match
+    assert isinstance(match, re.Match)
+    return match
+
+
+def client_pid(term: PtySession) -> int:
+    pid = term.child.pid
+    assert pid is not None
+    return pid
+
+
 def kill_client(term: PtySession) -> None:
     """Kill the bkdbg client on `term` with SIGKILL and reap it."""
-    os.kill(term.child.pid, signal.SIGKILL)
+    os.kill(client_pid(term), signal.SIGKILL)
     wait_for(lambda: not term.child.isalive(), STOP_TIMEOUT, "the killed client to exit")
 
 
@@ -286,8 +308,7 @@ class OuterShell:
         """Return `stty -g` of the pty, run at the bash prompt."""
         # the typed line contains "$(stty -g)", which the pattern does not match
         self.term.sendline("echo STTY-$(stty -g)-END")
-        self.term.child.expect(r"STTY-([0-9a-f:]+)-END")
-        settings = str(self.term.child.match.group(1))
+        settings = expect_match(self.term, r"STTY-([0-9a-f:]+)-END").group(1)
         self.term.expect_exact(self.PROMPT)
         return settings
 
@@ -298,11 +319,7 @@ class OuterShell:
     def exit_status(self, timeout: float = 10.0) -> int:
         """Wait for the exit status echoed after the command of `start`, then the prompt."""
         # the typed line contains "EXIT-$?-END", which the pattern does not match
-        try:
-            self.term.child.expect(r"EXIT-(\d+)-END", timeout=timeout)
-        except (pexpect.TIMEOUT, pexpect.EOF):
-            self.term.fail(f"no exit status within {timeout}s")
-        status = int(self.term.child.match.group(1))
+        status = int(expect_match(self.term, r"EXIT-(\d+)-END", timeout).group(1))
         self.term.expect_exact(self.PROMPT)
         return status
 
