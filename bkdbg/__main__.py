@@ -2,8 +2,9 @@
 
 import sys
 
-# The detached server is started as `python -m bkdbg __server ...` and a client waits for
-# it, so it skips importing the CLI and the terminal side (about 150 ms of imports).
+# A launching client waits for the detached server (`python -m bkdbg __server ...`), so the
+# server skips importing the CLI and the terminal side: about 40 ms less on the 2-CPU
+# machine of docs/benchmarks.md.
 if sys.argv[1:2] == ["__server"]:
     from bkdbg.daemon.main import serve_main
 

@@ -24,6 +24,8 @@ scripts/local-buildkit.sh start
 eval "$(scripts/local-buildkit.sh env)"
 # tests read only BKDBG_TEST_ADDR, and conftest.py clears BUILDKIT_HOST for each test
 export BKDBG_TEST_ADDR
+# the engine that this script started is ours to stop and start in the restart tests
+export BKDBG_TEST_RESTART=1
 
 status=0
 "$python" -m pytest "$@" || status=$?

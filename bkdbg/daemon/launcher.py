@@ -44,6 +44,38 @@ def spawn_server(paths: InstancePaths, debug: bool = False, idle_timeout: float 
     Raises ServerError if it does not; the instance directory is then gone, and the
     message names the log, kept as ROOT/ID.log.
     """
+    return start_server(paths, debug, idle_timeout).wait_ready(timeout)
+
+
+class StartingServer:
+    """A server process that `start_server` started and that may not serve yet.
+
+    A client can start the server first and import or validate what it needs meanwhile,
+    then call `wait_ready` before its first request. A caller that does not need the
+    server after all must still stop `process` and remove the instance directory.
+    """
+
+    def __init__(self, paths: InstancePaths, process: subprocess.Popen[bytes],
+                 ready_fd: int) -> None:
+        self.paths = paths
+        self.process = process
+        self._ready_fd = ready_fd
+
+    def wait_ready(self, timeout: float = LAUNCH_TIMEOUT) -> subprocess.Popen[bytes]:
+        """Wait until the server serves; raise ServerError as `spawn_server` does."""
+        try:
+            _wait_ready(self._ready_fd, self.process, self.paths, timeout)
+        except ServerError as exc:
+            kept = remove_keeping_log(self.paths)
+            raise ServerError(str(exc).replace(str(self.paths.log_file), str(kept))) from None
+        finally:
+            os.close(self._ready_fd)
+        return self.process
+
+
+def start_server(paths: InstancePaths, debug: bool = False,
+                 idle_timeout: float | None = None) -> StartingServer:
+    """Start the server process of `paths` without waiting for it to serve."""
     read_fd, write_fd = os.pipe()
     argv = server_command(paths, debug, idle_timeout, write_fd)
     try:
@@ -61,14 +93,7 @@ def spawn_server(paths: InstancePaths, debug: bool = False, idle_timeout: float 
         os.close(write_fd)
     _reap_in_background(process)
     logger.info("started server %s as pid %d", paths.instance_id, process.pid)
-    try:
-        _wait_ready(read_fd, process, paths, timeout)
-    except ServerError as exc:
-        kept = remove_keeping_log(paths)
-        raise ServerError(str(exc).replace(str(paths.log_file), str(kept))) from None
-    finally:
-        os.close(read_fd)
-    return process
+    return StartingServer(paths, process, read_fd)
 
 
 def _reap_in_background(process: subprocess.Popen[bytes]) -> None:

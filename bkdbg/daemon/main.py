@@ -48,9 +48,10 @@ def default_backend() -> Backend:
 class _DeferredGatewayBackend:
     """`GatewayBackend`, imported only when a build starts.
 
-    `bkdbg.gateway` and BuildKit's stubs take about 75 ms to import, and a launching client
-    waits for the ready line. `serve_main` imports them in a thread once it has written
-    that line, so the import overlaps the client's Hello and Build.
+    A launching client waits for the ready line, and importing `bkdbg.gateway` with
+    BuildKit's stubs takes about 75 ms on the 2-CPU machine of docs/benchmarks.md. So
+    `serve_main` imports them in a thread after writing that line, while the client
+    connects and sends Hello and Build.
     """
 
     def start_build(self, options: BuildOptions, on_progress: ProgressSink) -> BuildHandle:
