@@ -57,7 +57,9 @@ def engine(action: str) -> None:
 
 
 def test_restart_idle_session(restartable: str, make_context: MakeContext, root: Path) -> None:
-    context = make_context(f"FROM {TEST_IMAGE}\nRUN echo hello > /hello\n")
+    context = make_context(
+        f"FROM {TEST_IMAGE}\nENV PS1='{SHELL_PROMPT}'\nRUN echo hello > /hello\n"
+    )
     with spawn_bkdbg("--addr", restartable, "build", "--invoke", "sh", str(context),
                      root=root) as term:
         term.expect_exact(SHELL_PROMPT, timeout=60)
@@ -80,7 +82,8 @@ def test_restart_idle_session(restartable: str, make_context: MakeContext, root:
 
 def test_restart_during_build(restartable: str, make_context: MakeContext, root: Path) -> None:
     context = make_context(
-        f"FROM {TEST_IMAGE}\nRUN echo start-of-slow-step && sleep 20\nRUN echo done > /done\n"
+        f"FROM {TEST_IMAGE}\nENV PS1='{SHELL_PROMPT}'\n"
+        "RUN echo start-of-slow-step && sleep 20\nRUN echo done > /done\n"
     )
     with spawn_bkdbg("--addr", restartable, "build", "--progress", "plain", "--no-cache",
                      "--invoke", "sh", str(context), root=root) as term:
@@ -94,7 +97,9 @@ def test_restart_during_build(restartable: str, make_context: MakeContext, root:
             engine("start")
         assert "Traceback" not in term.output
 
-        (context / "Dockerfile").write_text(f"FROM {TEST_IMAGE}\nRUN echo done > /done\n")
+        (context / "Dockerfile").write_text(
+            f"FROM {TEST_IMAGE}\nENV PS1='{SHELL_PROMPT}'\nRUN echo done > /done\n"
+        )
         term.sendline("reload")
         term.expect_exact(SHELL_PROMPT, timeout=60)
         expect_in_shell(term, "cat /done", "done")

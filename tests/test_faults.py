@@ -8,10 +8,11 @@ mid-stream, and stdin closed early.
 Every test ends by checking that no server and no build container is left. The measuring
 tests print what they measured (run pytest with -s to see it).
 
-Not covered here: BuildKit restarting under a session. The engine of the test setup is
-shared with other test runs, so a test must not stop it, and a second Docker Engine on
-the same host is not isolated from it: Docker 26.1.5 started with --bridge=none deletes
-the docker0 bridge that the first engine's containers need.
+BuildKit restarting under a session is in test_buildkit_restart.py: it stops the local
+engine itself, which only a run that owns the engine may do. A second Docker Engine on the
+same host is no substitute, because it is not isolated from the first: Docker 26.1.5
+started with --bridge=none deletes the docker0 bridge that the first engine's containers
+need.
 """
 
 from __future__ import annotations
