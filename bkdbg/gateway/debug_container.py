@@ -50,6 +50,8 @@ MARKER_KINDS = ("pid", "exit", "notfound")
 # distinguished from one that runs, then blocks in `read` until release sends EOF on its stdin.
 # It runs under a tty because BuildKit v0.13 reports the Exit of a process without a tty
 # only after stdin EOF, so a keeper that runc could not start would go unnoticed.
+# TODO: start the first user process from the keeper itself, under its tty: the second
+# `runc exec` and the wait for `ready` cost 130-220 ms before the first prompt.
 KEEPER = "echo ready; read -r _"
 
 # $1 nonce, $2 marker fd, $3 working directory, then the user's command. The wrapper runs
