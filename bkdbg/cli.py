@@ -16,14 +16,21 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 
 from bkdbg import __version__
+from bkdbg.daemon.launcher import StartingServer, start_early
 from bkdbg.errors import BkdbgError, ProcessExit, UsageError
 from bkdbg.options import parse_choice, parse_duration
 from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_config
-from bkdbg.shell.workspace import Current, Launcher, Workspace
+
+if TYPE_CHECKING:
+    # imported in functions: it pulls in grpc and the daemon client, over 100 ms, and
+    # `bkdbg build` starts its server before that
+    from bkdbg.daemon.client import DaemonClient
+    from bkdbg.shell.workspace import Current, Launcher, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +42,7 @@ ADDR_HELP = (
 )
 _OWN_HANDLER = "_bkdbg_client_log"  # marks the log handler that configure_logging added
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
-Handler = Callable[[argparse.Namespace, Workspace], int]
+Handler = Callable[[argparse.Namespace, "Workspace"], int]
 
 
 # ---------------------------------------------------------------- parser
@@ -251,6 +258,7 @@ def _check_tls(args: argparse.Namespace) -> None:
 def make_workspace(args: argparse.Namespace) -> Workspace:
     """Return the Workspace for the global flags."""
     from bkdbg.daemon.instances import resolve_root
+    from bkdbg.shell.workspace import Workspace
 
     root = resolve_root(args.root)
     if root.exists() and not root.is_dir():
@@ -270,7 +278,7 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     idle_timeout = parse_duration(args.server_idle_timeout, "--server-idle-timeout")
     options = build_options(args, tty=ws.local.interactive)
     options.addr, options.tls = ws.addr, ws.tls
-    ws.launcher = _launcher(ws, detach, idle_timeout)
+    ws.launcher = _launcher(ws, detach, idle_timeout, args.early_server)
 
     # no state to start a shell on (a failed COPY, say) still keeps the monitor on a
     # terminal, so the user can fix the context and reload
@@ -288,14 +296,44 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     return session.finish_without_process(ws, result.ok and not result.error)
 
 
-def _launcher(ws: Workspace, detach: bool, idle_timeout: float | None) -> Launcher:
+def _launcher(ws: Workspace, detach: bool, idle_timeout: float | None,
+              early: StartingServer | None) -> Launcher:
     from bkdbg.daemon.client import DaemonClient
 
-    if detach:
-        return lambda: DaemonClient.launch(ws.root, ws.debug, idle_timeout=idle_timeout)
-    from bkdbg.daemon.main import run_in_process
+    if not detach:
+        if early is not None:
+            early.abandon()
+        from bkdbg.daemon.main import run_in_process
 
-    return lambda: run_in_process(ws.root, idle_timeout=idle_timeout)
+        return lambda: run_in_process(ws.root, idle_timeout=idle_timeout)
+
+    def launch() -> DaemonClient:
+        # only the first build of this client can use the server that main started
+        nonlocal early
+        starting, early = early, None
+        if starting is not None and _fits(starting, ws, idle_timeout):
+            return _adopt(starting)
+        if starting is not None:
+            starting.abandon()
+        return DaemonClient.launch(ws.root, ws.debug, idle_timeout=idle_timeout)
+
+    return launch
+
+
+def _fits(starting: StartingServer, ws: Workspace, idle_timeout: float | None) -> bool:
+    """Tell whether argparse agrees with the early scan on the server's root and flags."""
+    return (starting.paths.root, starting.debug, starting.idle_timeout) == (
+        ws.root, ws.debug, idle_timeout
+    )
+
+
+def _adopt(starting: StartingServer) -> DaemonClient:
+    from bkdbg.daemon.client import DaemonClient
+
+    starting.wait_ready()
+    client = DaemonClient.connect(starting.paths.root, starting.paths.instance_id)
+    starting.adopted = True
+    return client
 
 
 def _run_attach(args: argparse.Namespace, ws: Workspace) -> int:
@@ -443,7 +481,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list[:1] == [SERVER_COMMAND]:
         return _serve(args_list[1:])
 
-    args = build_parser().parse_args(_expand_bool_flags(args_list))
+    # a detached build starts its server first, so that the server starts up while this
+    # client imports the shell and checks the command line
+    early = start_early(args_list)
+    try:
+        return _run(args_list, early)
+    finally:
+        # every path that did not connect to it, argparse's exit and Ctrl-C included
+        if early is not None:
+            early.abandon()
+
+
+def _run(args_list: list[str], early: StartingServer | None) -> int:
+    namespace = argparse.Namespace(early_server=early)
+    args = build_parser().parse_args(_expand_bool_flags(args_list), namespace)
     configure_logging(args.debug)
     ws: Workspace | None = None
     try:

@@ -16,13 +16,27 @@ import sys
 import threading
 import time
 
-from bkdbg.daemon.instances import InstancePaths, open_private, remove_keeping_log
-from bkdbg.errors import ServerError
+from bkdbg.daemon.instances import (
+    InstancePaths,
+    create_instance,
+    open_private,
+    remove_instance,
+    remove_keeping_log,
+    resolve_root,
+)
+from bkdbg.errors import BkdbgError, ServerError, UsageError
+from bkdbg.options import parse_duration
 
 logger = logging.getLogger(__name__)
 
 LAUNCH_TIMEOUT = 10.0  # seconds until a new server must be serving
 LOG_TAIL_LINES = 3
+
+# bkdbg's global flags that take a value, and `build` flags that decide how its server starts
+_EARLY_VALUE_FLAGS = (
+    "--addr", "--tlscacert", "--tlscert", "--tlskey", "--tlsservername", "--root",
+    "--server-idle-timeout",
+)
 
 
 def server_command(paths: InstancePaths, debug: bool, idle_timeout: float | None,
@@ -52,25 +66,104 @@ class StartingServer:
 
     A client can start the server first and import or validate what it needs meanwhile,
     then call `wait_ready` before its first request. A caller that does not need the
-    server after all must still stop `process` and remove the instance directory.
+    server after all calls `abandon`, which stops it and removes the instance directory
+    unless `adopted` is set.
     """
 
-    def __init__(self, paths: InstancePaths, process: subprocess.Popen[bytes],
-                 ready_fd: int) -> None:
+    def __init__(self, paths: InstancePaths, process: subprocess.Popen[bytes], ready_fd: int,
+                 debug: bool = False, idle_timeout: float | None = None) -> None:
         self.paths = paths
         self.process = process
-        self._ready_fd = ready_fd
+        self.debug = debug
+        self.idle_timeout = idle_timeout
+        self.adopted = False  # set by the caller once it is connected to the server
+        self._ready_fd: int | None = ready_fd
+        self._abandoned = False
 
     def wait_ready(self, timeout: float = LAUNCH_TIMEOUT) -> subprocess.Popen[bytes]:
         """Wait until the server serves; raise ServerError as `spawn_server` does."""
+        if self._ready_fd is None:
+            raise ServerError(f"wait_ready already ran for bkdbg server {self.paths.instance_id}")
         try:
             _wait_ready(self._ready_fd, self.process, self.paths, timeout)
         except ServerError as exc:
             kept = remove_keeping_log(self.paths)
             raise ServerError(str(exc).replace(str(self.paths.log_file), str(kept))) from None
         finally:
-            os.close(self._ready_fd)
+            self._close_ready_fd()
         return self.process
+
+    def abandon(self) -> None:
+        """Stop the server and remove its instance directory, unless it was adopted."""
+        if self.adopted or self._abandoned:
+            return
+        self._abandoned = True
+        self._close_ready_fd()
+        _stop_unready(self.process)
+        remove_instance(self.paths)
+        logger.info("stopped unused server %s (pid %d)", self.paths.instance_id,
+                    self.process.pid)
+
+    def _close_ready_fd(self) -> None:
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+
+
+def start_early(argv: list[str]) -> StartingServer | None:
+    """Start the server of a detached `bkdbg build` before the client parses `argv`.
+
+    Returns None when `argv` is not such a build or the start fails, so that the client's
+    ordinary launch runs and reports any error.
+    """
+    flags = _scan_detached_build(argv)
+    if flags is None:
+        return None
+    root, debug, idle_timeout = flags
+    try:
+        paths = create_instance(resolve_root(root))
+    except (BkdbgError, OSError) as exc:
+        logger.info("starting a server early failed: %s", exc)
+        return None
+    try:
+        return start_server(paths, debug, idle_timeout)
+    except ServerError as exc:
+        logger.info("starting a server early failed: %s", exc)
+        remove_instance(paths)
+        return None
+
+
+def _scan_detached_build(argv: list[str]) -> tuple[str | None, bool, float | None] | None:
+    """Return --root, --debug and the idle timeout if `argv` looks like a detached build.
+
+    A cheap guess made before argparse runs: when it is wrong, the client abandons the
+    server started from it.
+    """
+    command, root, debug, idle = None, None, False, ""
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        index += 1
+        name, has_value, value = word.partition("=")
+        if word in ("-h", "--help", "--version") or (name == "--detach" and value == "false"):
+            return None
+        if word == "--detach" and argv[index:index + 1] == ["false"]:
+            return None
+        if name in _EARLY_VALUE_FLAGS and not has_value:
+            value, index = (argv[index] if index < len(argv) else ""), index + 1
+        if name == "--root":
+            root = value
+        elif name == "--server-idle-timeout":
+            idle = value
+        debug = debug or word == "--debug"
+        if command is None and not word.startswith("-"):
+            command = word
+    if command != "build":
+        return None
+    try:
+        return root, debug, parse_duration(idle, "--server-idle-timeout")
+    except UsageError:
+        return None
 
 
 def start_server(paths: InstancePaths, debug: bool = False,
@@ -93,7 +186,7 @@ def start_server(paths: InstancePaths, debug: bool = False,
         os.close(write_fd)
     _reap_in_background(process)
     logger.info("started server %s as pid %d", paths.instance_id, process.pid)
-    return StartingServer(paths, process, read_fd)
+    return StartingServer(paths, process, read_fd, debug, idle_timeout)
 
 
 def _reap_in_background(process: subprocess.Popen[bytes]) -> None:
@@ -138,6 +231,7 @@ def _stop_unready(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=2)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
 
 
 def _log_tail(paths: InstancePaths) -> str:
