@@ -157,7 +157,11 @@ launch_dockerd() {
     # runs at /run/containerd/containerd.sock. setsid detaches it from the caller's
     # session, so it outlives the shell that ran `start`.
     log "starting dockerd, log in $LOG_FILE"
-    setsid /usr/sbin/dockerd \
+    # a caller's XDG_RUNTIME_DIR (a test's temporary one, say) would become the runtime
+    # dir of runc's process state, and builds fail once that directory is removed; the
+    # same goes for the caller's HOME and XDG dirs, so the engine gets root's own
+    setsid env -u XDG_RUNTIME_DIR -u XDG_DATA_HOME -u XDG_CONFIG_HOME -u XDG_STATE_HOME \
+        -u XDG_CACHE_HOME HOME=/root /usr/sbin/dockerd \
         --host "unix://$SOCKET" \
         --data-root "$DATA_ROOT" \
         --exec-root "$EXEC_ROOT" \

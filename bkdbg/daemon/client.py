@@ -12,9 +12,8 @@ import contextlib
 import logging
 import os
 import queue
-import re
-import signal
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ import bkdbg
 from bkdbg import errors
 from bkdbg.daemon import api_pb2 as pb
 from bkdbg.daemon import api_pb2_grpc
+from bkdbg.daemon.attachsock import AttachStream, SocketAttachStream, connect_attach_socket
 from bkdbg.daemon.convert import (
     ERROR_KEY,
     attach_output_from_pb,
@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 PROBE_TIMEOUT = 1.0  # seconds for Hello or Info from a server that should be running
 STOP_TIMEOUT = 10.0  # seconds for a server to exit after Shutdown
 DETACH_TIMEOUT = 1.0  # seconds for the server to take the last input of a closing stream
+LOST_SERVER_WAIT = 0.5  # seconds for a server's pid to go after its attach connection ended
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -127,6 +128,8 @@ class DaemonClient:
         self.server_version = ""
         self.closed = False
         self._said_goodbye = False
+        # closed with the client, as closing the channel cancels the gRPC streams
+        self._socket_streams: weakref.WeakSet[SocketAttachStream] = weakref.WeakSet()
 
     @property
     def instance_id(self) -> str:
@@ -286,10 +289,32 @@ class DaemonClient:
 
     def attach(self, process_id: str = "", tty: bool = False, rows: int = 0, cols: int = 0,
                read_only: bool = False, replay: bool = True) -> AttachStream:
-        """Attach to a process (empty id: the interactive one); raises NotAttached if none."""
+        """Attach to a process (empty id: the interactive one); raises NotAttached if none.
+
+        The stream uses the server's attach socket, or the gRPC Attach call when the
+        server has no attach socket.
+        """
         start = pb.AttachStart(process_id=process_id, client_id=self.client_id, tty=tty,
                                rows=rows, cols=cols, read_only=read_only, replay=replay)
-        return AttachStream(self, start)
+        try:
+            sock = connect_attach_socket(self.paths)
+        except OSError as exc:
+            raise ServerUnreachable(
+                f"cannot connect to the attach socket of bkdbg server {self.instance_id}: "
+                f"{self.paths.attach_socket}: {exc}"
+            ) from exc
+        if sock is None:
+            return GrpcAttachStream(self, start)
+        stream = SocketAttachStream(sock, self.paths, start, lambda: self.closed,
+                                    self._lost_server_error)
+        self._socket_streams.add(stream)
+        return stream
+
+    def _lost_server_error(self) -> BkdbgError:
+        # the kernel closes a killed server's sockets a moment before its pid is gone
+        if self._server is None:
+            wait_pid_gone(self.server_pid, self.instance_id, LOST_SERVER_WAIT)
+        return _unreachable_error(self.paths)
 
     def events(self) -> EventStream:
         return EventStream(self)
@@ -305,6 +330,8 @@ class DaemonClient:
                                        timeout=PROBE_TIMEOUT)
             self._said_goodbye = True
         self.closed = True
+        for stream in list(self._socket_streams):
+            stream.abort()
         self._channel.close()
         if self._server is not None:
             self._server.request_stop("its in-process client closed")
@@ -324,12 +351,8 @@ class DaemonClient:
             raise translate(exc, self.paths) from exc
 
 
-class AttachStream:
-    """One attach stream: send input, iterate over Attached, Output and a final message.
-
-    Iteration ends after Exited, TakenOver or Closed, or after `close()`. Creating the
-    stream waits for the server's Attached message, available as `attached`.
-    """
+class GrpcAttachStream(AttachStream):
+    """An attach stream on the gRPC Attach call, for servers without an attach socket."""
 
     def __init__(self, client: DaemonClient, start: pb.AttachStart) -> None:
         self._client = client
@@ -351,23 +374,6 @@ class AttachStream:
     def _request_iterator(self) -> Iterator[pb.AttachInput]:
         while (request := self._requests.get()) is not None:
             yield request
-
-    def send_stdin(self, data: bytes) -> None:
-        if data:
-            self._send(pb.AttachInput(stdin=data))
-
-    def close_stdin(self) -> None:
-        self._send(pb.AttachInput(stdin_eof=True))
-
-    def resize(self, rows: int, cols: int) -> None:
-        self._send(pb.AttachInput(resize=pb.Resize(rows=rows, cols=cols)))
-
-    def signal(self, name: str) -> None:
-        """Send a signal by name, with or without the SIG prefix; raises UsageError if unknown."""
-        bare = name.upper().removeprefix("SIG")
-        if f"SIG{bare}" not in signal.Signals.__members__ and not _REALTIME.match(bare):
-            raise UsageError(f"unknown signal: {name}: use a name such as INT, TERM or KILL")
-        self._send(pb.AttachInput(signal=bare))
 
     def _send(self, request: pb.AttachInput) -> None:
         if not self._closed:
@@ -472,10 +478,6 @@ def kill_instance(root: str | os.PathLike[str] | None, instance_id: str) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-# real-time signals by the names BuildKit accepts besides RTMIN and RTMAX
-_REALTIME = re.compile(r"^RT(MIN\+|MAX-)([1-9]|1[0-5])$")
-
-
 def _terminal(term: str | None, rows: int, cols: int) -> pb.Terminal:
     term = os.environ.get("TERM", "") if term is None else term
     return pb.Terminal(term=term, rows=rows, cols=cols)
@@ -505,6 +507,8 @@ def _unreachable_error(paths: InstancePaths) -> ServerUnreachable:
 
 __all__ = [
     "AttachStream",
+    "GrpcAttachStream",
+    "SocketAttachStream",
     "DaemonClient",
     "EventStream",
     "InstanceInfo",

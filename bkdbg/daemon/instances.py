@@ -67,6 +67,11 @@ class InstancePaths:
         return self.directory / ".rpc"
 
     @property
+    def attach_socket(self) -> Path:
+        """The attach socket; shorter than `socket`, so it always fits AF_UNIX's limit."""
+        return self.directory / "io"
+
+    @property
     def pid_file(self) -> Path:
         return self.directory / "pid"
 

@@ -1,10 +1,12 @@
 """The server of one instance: gRPC behind the uid-checking front socket, and its lifetime.
 
 `Server.start()` serves `Debugger` on the instance's private `.rpc` socket, puts the
-`FrontListener` on `sock`, and writes the pid and meta files. A lifecycle thread waits for
-a stop request: Shutdown, a Goodbye that ends the session, a signal or the idle timeout.
+`FrontListener` on `sock` and the `AttachListener` on `io`, and writes the pid and meta
+files. A lifecycle thread waits for a stop request: Shutdown, a Goodbye that ends the
+session, a signal or the idle timeout.
 It then stops the session (streams get their last message, containers are released, the
-build is cancelled), then gRPC with a grace period, and last the front socket and files.
+build is cancelled), then the attach socket and gRPC with a grace period, and last the
+front socket and files.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import grpc
 
 from bkdbg import __version__
 from bkdbg.daemon import api_pb2_grpc
+from bkdbg.daemon.attachserver import AttachListener
 from bkdbg.daemon.backend import Backend
 from bkdbg.daemon.instances import (
     InstancePaths,
@@ -70,6 +73,7 @@ class Server:
         self._stopped = threading.Event()
         self._grpc: grpc.Server | None = None
         self._front: FrontListener | None = None
+        self._attach: AttachListener | None = None
 
     def start(self) -> None:
         """Serve on the instance's socket; raises ServerError when it cannot."""
@@ -77,6 +81,8 @@ class Server:
         self._grpc = self._start_grpc()
         self._front = FrontListener(self.paths.socket, self.paths.rpc_socket)
         self._front.start()
+        self._attach = AttachListener(self.paths.attach_socket, self.session)
+        self._attach.start()
         write_pid(self.paths, self.identity.pid)
         self.note_context("")
         threading.Thread(target=self._lifecycle, name="lifecycle", daemon=True).start()
@@ -136,6 +142,8 @@ class Server:
 
     def _stop(self) -> None:
         self.session.close()
+        if self._attach is not None:
+            self._attach.close(STOP_GRACE)
         if self._grpc is not None:
             self._grpc.stop(STOP_GRACE).wait()
         if self._front is not None:

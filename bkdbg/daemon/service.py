@@ -194,15 +194,11 @@ class DebuggerService(api_pb2_grpc.DebuggerServicer):  # type: ignore[misc]
                 "invalid attach request: the first message must be start: "
                 "use the same bkdbg version for client and server"
             ))
-        start = first.start
-        client_id = self.session.clients.ensure(start.client_id).id
         try:
-            process, attachment = self.session.attach(
-                start.process_id, client_id, start.read_only, start.replay,
-                (start.rows, start.cols),
-            )
+            process, attachment = start_attachment(self.session, first.start)
         except BkdbgError as exc:
             abort(context, exc)
+        client_id = attachment.client_id
         if not self._open_stream(client_id, context, lambda: process.detach(attachment)):
             process.detach(attachment)
             return
@@ -234,6 +230,14 @@ def _terminal(terminal: pb.Terminal) -> Terminal:
     return Terminal(terminal.term, terminal.rows, terminal.cols)
 
 
+def start_attachment(session: Session,
+                     start: pb.AttachStart) -> tuple[ManagedProcess, Attachment]:
+    """Attach the client of an attach stream's start message; raises BkdbgError."""
+    client_id = session.clients.ensure(start.client_id).id
+    return session.attach(start.process_id, client_id, start.read_only, start.replay,
+                          (start.rows, start.cols))
+
+
 def _outputs(attachment: Attachment) -> Iterator[pb.AttachOutput]:
     while (message := attachment.queue.get_joined()) is not None:
         yield attach_output_to_pb(message)
@@ -246,7 +250,7 @@ def pump_input(requests: Iterator[pb.AttachInput], process: ManagedProcess,
     """Forward one attach stream's input to the process until the client's side ends."""
     try:
         for request in requests:
-            _apply_input(request, process, attachment)
+            apply_input(request, process, attachment)
     except grpc.RpcError:
         # gRPC ends the request iterator this way when the RPC is cancelled or finished
         logger.debug("attach input of client %s ended", attachment.client_id)
@@ -255,8 +259,9 @@ def pump_input(requests: Iterator[pb.AttachInput], process: ManagedProcess,
     process.detach(attachment)
 
 
-def _apply_input(request: pb.AttachInput, process: ManagedProcess,
-                 attachment: Attachment) -> None:
+def apply_input(request: pb.AttachInput, process: ManagedProcess,
+                attachment: Attachment) -> None:
+    """Forward one input message after start to the process; failures are logged."""
     kind = request.WhichOneof("input")
     try:
         if kind == "stdin":
