@@ -6,10 +6,12 @@ Layout, all owned by the user who runs bkdbg::
       ID/                 0700, one per server; ID is 8 lowercase hex digits
         sock              0600, the socket clients connect to
         .rpc              0600, the gRPC server's own socket, reached only through `sock`
+        io                0600, attach I/O as length-prefixed frames (lower latency than gRPC)
         pid               the server's process id
         log               0600, the server's log (its stdout and stderr too)
-      ID.log              the log of a server that failed to start or ran with --debug
         meta.json         context, started (Unix seconds), version, in_process
+      ID.log              the log of a server that failed to start or ran with --debug
+      .removing-ID-*      an instance directory being removed
 
 Modes are set explicitly after creation, so a permissive umask never loosens them.
 """
