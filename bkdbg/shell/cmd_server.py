@@ -41,14 +41,7 @@ class ServerCommands(cmd2.CommandSet[Monitor]):
             description="Stop a server at once: release its containers, cancel its build, "
             "remove its directory."
         )
-        parser.add_argument(
-            "id",
-            metavar="ID",
-            nargs="?",
-            default="",
-            choices_provider=ServerCommands.server_choices,
-            help="server id from list (default: the current server)",
-        )
+        _add_server_id(parser)
         return parser
 
     @with_argparser(_kill_parser)
@@ -65,14 +58,7 @@ class ServerCommands(cmd2.CommandSet[Monitor]):
         parser = MonitorParser(
             description="Disconnect every other client from a server; the server keeps running."
         )
-        parser.add_argument(
-            "id",
-            metavar="ID",
-            nargs="?",
-            default="",
-            choices_provider=ServerCommands.server_choices,
-            help="server id from list (default: the current server)",
-        )
+        _add_server_id(parser)
         return parser
 
     @with_argparser(_disconnect_parser)
@@ -81,3 +67,15 @@ class ServerCommands(cmd2.CommandSet[Monitor]):
         ws = self._cmd.ws
         instance_id = args.id or servers.default_instance(ws)
         self._cmd.poutput(servers.disconnect(ws, instance_id))
+
+
+def _add_server_id(parser: MonitorParser) -> None:
+    """Add the optional server ID argument, completed from the server cache."""
+    parser.add_argument(
+        "id",
+        metavar="ID",
+        nargs="?",
+        default="",
+        choices_provider=ServerCommands.server_choices,
+        help="server id from list (default: the current server)",
+    )
