@@ -23,7 +23,7 @@ from bkdbg.daemon import api_pb2 as pb
 from bkdbg.daemon.attachsock import FRAME_ERROR, FrameError, error_payload, recv_frame, send_frame
 from bkdbg.daemon.convert import attach_output_to_pb
 from bkdbg.daemon.messages import TERMINAL_MESSAGES
-from bkdbg.daemon.peercred import ACCEPT_BACKLOG, peer_allowed, peer_pid, peer_uid
+from bkdbg.daemon.peercred import ACCEPT_BACKLOG, admit
 from bkdbg.daemon.processes import Attachment, ManagedProcess
 from bkdbg.daemon.service import apply_input, start_attachment
 from bkdbg.daemon.session import Session
@@ -93,13 +93,8 @@ class AttachListener:
                 if not self._closing.is_set():
                     logger.exception("accept on %s failed", self.path)
                 return
-            if not peer_allowed(conn, self.uid):
+            if not admit(conn, self.uid, "an attach connection"):
                 self.rejected += 1
-                logger.warning(
-                    "rejected an attach connection from uid %s (pid %s): only uid %d may connect",
-                    peer_uid(conn), peer_pid(conn), self.uid,
-                )
-                conn.close()
                 continue
             self._serve_in_thread(conn)
 

@@ -65,6 +65,21 @@ def peer_allowed(sock: socket.socket, uid: int | None = None) -> bool:
     return actual is None or actual == expected
 
 
+def admit(conn: socket.socket, uid: int, what: str) -> bool:
+    """Return whether `conn`'s peer runs as `uid`.
+
+    A stranger's connection is logged as a rejected `what` and closed.
+    """
+    if peer_allowed(conn, uid):
+        return True
+    logger.warning(
+        "rejected %s from uid %s (pid %s): only uid %d may connect",
+        what, peer_uid(conn), peer_pid(conn), uid,
+    )
+    conn.close()
+    return False
+
+
 class FrontListener:
     """Accepts on `public_path` and relays each allowed connection to `backend_path`."""
 
@@ -118,13 +133,8 @@ class FrontListener:
             self._handle(conn)
 
     def _handle(self, conn: socket.socket) -> None:
-        if not peer_allowed(conn, self.uid):
+        if not admit(conn, self.uid, "a connection"):
             self.rejected += 1
-            logger.warning(
-                "rejected a connection from uid %s (pid %s): only uid %d may connect",
-                peer_uid(conn), peer_pid(conn), self.uid,
-            )
-            conn.close()
             return
         try:
             backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
