@@ -151,6 +151,20 @@ class AttachStream(abc.ABC):
     def close(self, timeout: float = 1.0) -> None:
         """Detach: the process keeps running, and the server keeps its output again."""
 
+    @abc.abstractmethod
+    def _next(self) -> AttachMessage | None: ...
+
+    def _expect_attached(self, instance_id: str) -> None:
+        """Take the server's first message into `attached`; anything else is a version skew."""
+        first = self._next()
+        if not isinstance(first, Attached):
+            self.close()
+            raise ServerError(
+                f"bkdbg server {instance_id} sent {type(first).__name__} before "
+                "Attached: use the same bkdbg version for client and server"
+            )
+        self.attached = first
+
 
 class SocketAttachStream(AttachStream):
     """An attach stream on the attach socket.
@@ -178,14 +192,7 @@ class SocketAttachStream(AttachStream):
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._send(pb.AttachInput(start=start), force=True)
-        first = self._next()
-        if not isinstance(first, Attached):
-            self.close()
-            raise ServerError(
-                f"bkdbg server {paths.instance_id} sent {type(first).__name__} before "
-                "Attached: use the same bkdbg version for client and server"
-            )
-        self.attached = first
+        self._expect_attached(paths.instance_id)
 
     # ------------------------------------------------------------ input
 

@@ -47,7 +47,6 @@ from bkdbg.daemon.launcher import LAUNCH_TIMEOUT, spawn_server
 from bkdbg.daemon.messages import (
     ERROR_CLASSES,
     TERMINAL_MESSAGES,
-    Attached,
     AttachMessage,
     BuildEvent,
     InstanceInfo,
@@ -362,14 +361,7 @@ class GrpcAttachStream(AttachStream):
         # gRPC fails a call read from two threads at once (error 8, too many operations)
         self._read_lock = threading.Lock()
         self._call = client._stub.Attach(self._request_iterator())
-        first = self._next()
-        if not isinstance(first, Attached):
-            self.close()
-            raise ServerError(
-                f"bkdbg server {client.instance_id} sent {type(first).__name__} before "
-                "Attached: use the same bkdbg version for client and server"
-            )
-        self.attached = first
+        self._expect_attached(client.instance_id)
 
     def _request_iterator(self) -> Iterator[pb.AttachInput]:
         while (request := self._requests.get()) is not None:
