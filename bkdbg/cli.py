@@ -285,7 +285,7 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     to_monitor = options.invoke is not None and ws.local.interactive
     result = ws.build(options, goes_on=to_monitor)
     if result.process_id:
-        # a failed step's shell was started: the failed-step block already said why
+        # a failed step's shell was started: the failed-step block already explains why
         if ws.local.interactive:
             return session.interactive(ws, result.process_id)
         return session.run_piped(ws, result.process_id)

@@ -2,7 +2,7 @@
 
 * BkdbgError - base of every error bkdbg reports to the user as one line.
     * UsageError - bad user input: an option value, a CSV form, a path, a script line.
-    * BuildkitUnreachable - no BuildKit answered at any address tried.
+    * BuildkitUnreachable - no BuildKit responded at any address tried.
     * BuildkitError - BuildKit answered with an error we do not map more precisely.
         * BuildFailed - the solve failed; carries the failed step, when BuildKit named one.
         * BuildCancelled - the solve was cancelled (Ctrl-C, kill, shutdown).
@@ -36,7 +36,7 @@ class UsageError(BkdbgError):
 
 
 class BuildkitUnreachable(BkdbgError):
-    """Raised when no BuildKit answered at any of the addresses tried."""
+    """Raised when no BuildKit responded at any of the addresses tried."""
 
     def __init__(self, message: str, addresses: list[str] | None = None) -> None:
         super().__init__(message)
@@ -44,12 +44,12 @@ class BuildkitUnreachable(BkdbgError):
 
 
 class BuildkitError(BkdbgError):
-    """Raised when BuildKit answers a request with an error."""
+    """Raised when BuildKit responds to a request with an error."""
 
 
 @dataclass
 class FailedStep:
-    """Where and how a build step failed, as far as BuildKit's error details say.
+    """Where and how a build step failed, as BuildKit's error details describe it.
 
     `mount_ids` hold the state after the failed command and `input_ids` the state before
     it, one per mount of the failed exec op (`None` when BuildKit gave no id); both stay

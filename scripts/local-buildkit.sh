@@ -157,9 +157,9 @@ launch_dockerd() {
     # runs at /run/containerd/containerd.sock. setsid detaches it from the caller's
     # session, so it outlives the shell that ran `start`.
     log "starting dockerd, log in $LOG_FILE"
-    # a caller's XDG_RUNTIME_DIR (a test's temporary one, say) would become the runtime
-    # dir of runc's process state, and builds fail once that directory is removed; the
-    # same goes for the caller's HOME and XDG dirs, so the engine gets root's own
+    # dockerd keeps runc's process state under the caller's XDG_RUNTIME_DIR, so a test's
+    # temporary one would break every build once it is removed. The engine therefore
+    # gets none of the caller's XDG dirs, and root's own HOME.
     setsid env -u XDG_RUNTIME_DIR -u XDG_DATA_HOME -u XDG_CONFIG_HOME -u XDG_STATE_HOME \
         -u XDG_CACHE_HOME HOME=/root /usr/sbin/dockerd \
         --host "unix://$SOCKET" \

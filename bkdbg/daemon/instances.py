@@ -359,9 +359,9 @@ REMOVING_PREFIX = ".removing-"
 def remove_instance(paths: InstancePaths) -> None:
     """Remove an instance directory and everything in it; a missing directory is fine.
 
-    The directory is first renamed out of the instance namespace, so that a remover that
-    dies halfway (a client exiting while its background refresh prunes) never leaves a
-    half-empty instance for `list` to misread; `list_instances` finishes such leftovers.
+    The directory is first renamed out of the instance namespace. So a remover that dies
+    halfway (a client exiting while its background refresh prunes) never leaves a
+    half-empty instance for `list` to misread, and `list_instances` finishes the leftovers.
     """
     doomed = paths.root / f"{REMOVING_PREFIX}{paths.instance_id}-{secrets.token_hex(4)}"
     try:

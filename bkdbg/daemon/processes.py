@@ -42,8 +42,8 @@ class Attachment:
     id: int = field(default_factory=lambda: next(_attach_ids))
 
     def __post_init__(self) -> None:
-        # the input owner must see every byte (a piped `cat` is data, not a view), so its
-        # queue is lossless; watchers never hold the process back
+        # The input owner must see every byte, because a piped `cat` is data, not a view.
+        # So its queue is lossless, while watchers' queues drop and never hold the process.
         self.queue = SendQueue(lossless=not self.read_only)
 
 
