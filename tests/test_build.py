@@ -8,7 +8,6 @@ import http.client
 import io
 import json
 import logging
-import subprocess
 import tarfile
 import threading
 import time
@@ -29,7 +28,7 @@ from bkdbg.gateway.frontend import frontend_setup, shared_key
 from bkdbg.options import BuildOptions, InvokeConfig, OutputSpec, SecretSpec, parse_output
 from bkdbg.progress import LogEvent, PlainRenderer, ProgressEvent, RawJSONRenderer
 from tests.helpers import TEST_IMAGE
-from tests.helpers.buildkit import RUNC_ROOT, UnixHTTPConnection, engine_get, socket_path
+from tests.helpers.buildkit import UnixHTTPConnection, engine_get, runc_list, socket_path
 
 CANCEL_LIMIT = 5.0  # seconds from cancel() to solve() raising
 GONE_TIMEOUT = 10.0  # seconds for a cancelled RUN's container to go away
@@ -472,15 +471,8 @@ def test_tag_lands_in_engine(conn: Connection, make_context, buildkit_addr: str)
 
 def _containers_with(token: str) -> set[str]:
     """Return ids of the engine's build containers whose init command line has `token`."""
-    listing = subprocess.run(
-        ["runc", "--root", str(RUNC_ROOT), "list", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    )
     found = set()
-    for entry in json.loads(listing.stdout) or []:
+    for entry in runc_list():
         try:
             cmdline = Path(f"/proc/{entry['pid']}/cmdline").read_bytes()
         except OSError:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ADDR = "docker://unix:///run/bkdbg-buildkit/docker.sock"
 
@@ -85,11 +86,11 @@ def docker_argv(addr: str) -> list[str]:
 RUNC_LIST_TRIES = 5
 
 
-def running_build_containers() -> dict[str, str]:
-    """Return {container id: status} for every runc container of the engine's BuildKit.
+def runc_list() -> list[dict[str, Any]]:
+    """Return `runc list`'s entries for the engine's runc root; needs root.
 
-    This covers RUN steps and gateway containers (LLBBridge.NewContainer) alike. Needs
-    root, because runc's state dir is root-only. Raises RuntimeError if `runc list` fails.
+    Raises RuntimeError if `runc list` fails for a reason other than a container that
+    went away while it read the state dir.
     """
     for _ in range(RUNC_LIST_TRIES):
         result = subprocess.run(
@@ -105,10 +106,18 @@ def running_build_containers() -> dict[str, str]:
         time.sleep(0.05)
     if result.returncode != 0:
         raise RuntimeError(f"runc --root {RUNC_ROOT} list failed: {result.stderr.strip()}")
-    containers = json.loads(result.stdout) or []  # runc prints `null` when there are none
+    entries: list[dict[str, Any]] = json.loads(result.stdout) or []  # `null` when none
+    return entries
+
+
+def running_build_containers() -> dict[str, str]:
+    """Return {container id: status} for every runc container of the engine's BuildKit.
+
+    This covers RUN steps and gateway containers (LLBBridge.NewContainer) alike.
+    """
     return {
         entry["id"]: entry["status"]
-        for entry in containers
+        for entry in runc_list()
         if Path(entry["bundle"]).parent == EXECUTOR_DIR
     }
 
