@@ -34,6 +34,7 @@ from common import (
     Engine,
     PeakRssMonitor,
     cache_records,
+    compile_bkdbg,
     created_since,
     describe,
     load_text,
@@ -315,6 +316,7 @@ def main() -> int:
     tools = selected_tools(args)
     engine = Engine(args.docker_host)
     version = require_engine(engine)
+    compile_bkdbg()
     print(f"machine: {machine_summary(version)}")
     warn_if_busy()
     started = time.time()

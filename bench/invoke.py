@@ -41,6 +41,7 @@ from common import (
     BkdbgRoot,
     Engine,
     cache_records,
+    compile_bkdbg,
     describe,
     load_text,
     machine_summary,
@@ -532,6 +533,7 @@ def main() -> int:
     args = parser.parse_args()
     engine = Engine(args.docker_host)
     print(f"machine: {machine_summary(require_engine(engine))}")
+    compile_bkdbg()
     warn_if_busy()
     results = {tool: ToolResults() for tool in selected_tools(args)}
     with tempfile.TemporaryDirectory(prefix="bkdbg-bench-invoke-") as scratch:

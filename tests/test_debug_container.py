@@ -1,5 +1,6 @@
 """Debug containers: the marker stripper, and keeper-backed containers on the real BuildKit."""
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -221,7 +222,11 @@ def test_tty_ctrl_c_interrupts_sleep_only(result_build):
     with DebugContainer(result_build, "result") as debug:
         out = Output()
         shell = debug.run(ProcessConfig(args=["/bin/sh"], env=["PS1=$ "], tty=True), out)
-        shell.write(b"sleep 30; echo after-sleep\n")
+        # a Ctrl-C typed before the shell set up its terminal would end the shell itself
+        out.wait_for("$ ")
+        shell.write(b"echo started; sleep 30; echo after-sleep\n")
+        out.wait_for("started\r\n")  # the output, not the echo of the line
+        time.sleep(0.3)  # until the shell has given the terminal to sleep
         shell.write(b"\x03")  # the terminal's Ctrl-C
         shell.write(b"echo alive\n")
         out.wait_for("alive\r\n")
@@ -279,10 +284,10 @@ def test_no_shell_falls_back_to_init(buildkit_addr, make_context, no_leaked_cont
     try:
         build.solve()
         with DebugContainer(build, "result") as debug:
-            assert not debug.wrapped
             out = Output()
             config = ProcessConfig(args=["/bin/busybox", "ls", "/bin/sh"], env=[], tty=True)
             process = debug.run(config, out)
+            assert not debug.wrapped
             assert process.wait(WAIT) == 1
             assert "No such file" in out.text()
             assert not debug.alive  # the first process was the init
