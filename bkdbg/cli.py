@@ -18,8 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import platformdirs
-
 from bkdbg import __version__
 from bkdbg.daemon.launcher import StartingServer, start_early
 from bkdbg.errors import BkdbgError, ProcessExit, UsageError
@@ -27,7 +25,7 @@ from bkdbg.options import parse_choice, parse_duration
 from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_config
 
 if TYPE_CHECKING:
-    # imported in functions: it pulls in grpc and the daemon client, over 100 ms, and
+    # imported in functions: it pulls in grpc and the daemon client, about 65 ms, and
     # `bkdbg build` starts its server before that
     from bkdbg.daemon.client import DaemonClient
     from bkdbg.shell.workspace import Current, Launcher, Workspace
@@ -208,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(debug: bool) -> None:
     """Send log records to the client log file in the user state dir, never to the terminal."""
+    # imported here, so that `bkdbg build` starts its server (in main) before this import
+    import platformdirs
+
     root_logger = logging.getLogger()
     root_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     path = Path(platformdirs.user_state_dir("bkdbg")) / "client.log"

@@ -34,7 +34,11 @@ class TtyRenderer(LockedRenderer):
         self._state_lock = threading.Lock()
         self._began = time.monotonic()
         self._first_seen: dict[str, float] = {}  # local clock, for steps still running
-        self._console = Console(file=stream, force_terminal=True, highlight=False)
+        # str cells are plain text. Without markup and emoji codes, rich also does not
+        # import its emoji table before the first progress line.
+        self._console = Console(
+            file=stream, force_terminal=True, highlight=False, markup=False, emoji=False
+        )
         self._live = Live(
             console=self._console,
             get_renderable=self._live_view,

@@ -22,11 +22,8 @@ import json
 import logging
 import os
 import re
-import secrets
 import select
-import shutil
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -34,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from bkdbg.errors import UsageError
+
+# platformdirs, shutil and tempfile are imported where they are used. `bkdbg build`
+# imports this module before it starts its server, and needs platformdirs then only
+# without --root and BKDBG_ROOT. A server always gets --root.
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +112,8 @@ def resolve_root(explicit: str | os.PathLike[str] | None = None,
 
 def default_root() -> Path:
     """Return platformdirs' user runtime dir when it is usable, else the user data dir."""
+    import platformdirs
+
     runtime = _usable_runtime_dir()
     if runtime is not None:
         return runtime
@@ -120,6 +121,8 @@ def default_root() -> Path:
 
 
 def _usable_runtime_dir() -> Path | None:
+    import platformdirs
+
     # platformdirs warns and falls back to a temp dir when XDG_RUNTIME_DIR is missing or
     # unsafe. So a base dir counts only when it already exists, is ours and is writable.
     with warnings.catch_warnings():
@@ -140,7 +143,12 @@ def _usable_runtime_dir() -> Path | None:
 
 def new_instance_id() -> str:
     """Return a fresh instance id: 8 lowercase hex digits."""
-    return secrets.token_hex(4)
+    return _random_hex(4)
+
+
+def _random_hex(size: int) -> str:
+    # the same as secrets.token_hex, which would import hmac and hashlib
+    return os.urandom(size).hex()
 
 
 def is_instance_id(text: str) -> bool:
@@ -199,6 +207,8 @@ def open_private(path: Path, flags: int) -> Any:
 
 def write_private(path: Path, data: bytes) -> None:
     """Replace `path` atomically with `data`, mode 0600."""
+    import tempfile
+
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, FILE_MODE)
@@ -363,7 +373,9 @@ def remove_instance(paths: InstancePaths) -> None:
     halfway (a client exiting while its background refresh prunes) never leaves a
     half-empty instance for `list` to misread, and `list_instances` finishes the leftovers.
     """
-    doomed = paths.root / f"{REMOVING_PREFIX}{paths.instance_id}-{secrets.token_hex(4)}"
+    import shutil
+
+    doomed = paths.root / f"{REMOVING_PREFIX}{paths.instance_id}-{_random_hex(4)}"
     try:
         os.rename(paths.directory, doomed)
     except FileNotFoundError:
@@ -376,6 +388,8 @@ def remove_instance(paths: InstancePaths) -> None:
 
 
 def _finish_removals(entries: list[Path]) -> None:
+    import shutil
+
     for entry in entries:
         if entry.name.startswith(REMOVING_PREFIX) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -49,7 +49,7 @@ class _DeferredGatewayBackend:
     """`GatewayBackend`, imported only when a build starts.
 
     A launching client waits for the ready line, and importing `bkdbg.gateway` with
-    BuildKit's stubs takes about 75 ms on the 2-CPU machine of docs/benchmarks.md. So
+    BuildKit's stubs takes about 25 ms on the 2-CPU machine of docs/benchmarks.md. So
     `serve_main` imports them in a thread after writing that line, while the client
     connects and sends Hello and Build.
     """
