@@ -410,14 +410,20 @@ class BkdbgRoot:
         self.close()
 
 
-def _is_live_with(pid: int, marker: str) -> bool:
-    """Return whether `pid` is alive and has `marker` in its command line (pid reuse check)."""
+def _is_live_with(pid: int, instance_id: str) -> bool:
+    """Return whether `pid` is alive and is the server `instance_id` (pid reuse check).
+
+    A server has the id in its command line, or, forked from its client, in its process
+    name `bkdbg-ID`.
+    """
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
         return False
-    return state not in ("Z", "X") and marker.encode() in cmdline
+    named = instance_id.encode() in cmdline or name == f"bkdbg-{instance_id}"
+    return state not in ("Z", "X") and named
 
 
 def _stop_process(pid: int, grace: float = 5.0) -> None:
@@ -455,7 +461,9 @@ class PeakRssMonitor:
 
     The tree is the process `root_pid`, every process whose command line contains `marker`,
     and their descendants. A bkdbg client starts its server in a new session, and the
-    server outlives the client, so the server is found by the `--root` in its command line.
+    server outlives the client. An exec'd server is found by the `--root` in its command
+    line. A server forked by its client is the client's child until the client exits,
+    and is sampled from then on.
     VmHWM is the kernel's high-water mark of each process, so sampling every `interval`
     seconds misses only growth within the last interval before a process exits.
     """

@@ -188,6 +188,23 @@ def test_pid_alive_zombie_counts_as_dead() -> None:
     child.wait()
 
 
+def test_pid_alive_accepts_process_name() -> None:
+    # a server forked from its client keeps the client's command line and names itself
+    script = "open('/proc/self/comm', 'w').write('bkdbg-abcdef12'); print(flush=True); " \
+        "import time; time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        assert pid_alive(child.pid, "abcdef12")
+        assert not pid_alive(child.pid, "12345678")
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+
+
 def test_pid_alive_checks_instance_id() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "abcdef12"])
     try:

@@ -287,8 +287,9 @@ def find_instance(root: Path, instance_id: str) -> InstancePaths | None:
 def pid_alive(pid: int | None, instance_id: str | None = None) -> bool:
     """Return whether `pid` is a live process (a zombie counts as dead).
 
-    With `instance_id`, a process whose command line (read from /proc where there is one)
-    does not name that id counts as dead too, since the pid may have been reused.
+    With `instance_id`, a process that /proc shows as not naming that id counts as dead
+    too, since the pid may have been reused. A server names it in its command line, or,
+    when forked from its client, in its process name `bkdbg-ID`.
     """
     if pid is None or pid <= 0:
         return False
@@ -300,7 +301,7 @@ def pid_alive(pid: int | None, instance_id: str | None = None) -> bool:
         return True
     if _proc_state(pid) in ("Z", "X"):
         return False
-    return instance_id is None or _cmdline_names(pid, instance_id)
+    return instance_id is None or _names_instance(pid, instance_id)
 
 
 def server_alive(record: InstanceRecord) -> bool:
@@ -344,14 +345,15 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _cmdline_names(pid: int, instance_id: str) -> bool:
+def _names_instance(pid: int, instance_id: str) -> bool:
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        name = Path(f"/proc/{pid}/comm").read_bytes().strip()
     except FileNotFoundError:
         return not Path("/proc/self").exists()
     except OSError:
         return True
-    return instance_id.encode() in args
+    return instance_id.encode() in args or name == f"bkdbg-{instance_id}".encode()
 
 
 def _proc_state(pid: int) -> str:
