@@ -27,6 +27,10 @@ export BKDBG_TEST_ADDR
 # the engine that this script started is ours to stop and start in the restart tests
 export BKDBG_TEST_RESTART=1
 
+# Many tests start bkdbg processes. Where PYTHONDONTWRITEBYTECODE is set, each of them
+# would compile bkdbg's modules from source again, which a regular install never does.
+"$python" -m compileall -q bkdbg
+
 status=0
 "$python" -m pytest "$@" || status=$?
 if [ "$status" -eq 5 ]; then
