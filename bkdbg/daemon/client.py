@@ -56,6 +56,7 @@ from bkdbg.daemon.messages import (
     build_error,
 )
 from bkdbg.errors import BkdbgError, ServerError, ServerUnreachable, UsageError
+from bkdbg.heap import tune_malloc
 from bkdbg.options import BuildOptions
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ class DaemonClient:
         """
         start = pb.AttachStart(process_id=process_id, client_id=self.client_id, tty=tty,
                                rows=rows, cols=cols, read_only=read_only, replay=replay)
+        tune_malloc()  # before frames of up to 1 MiB arrive
         try:
             sock = connect_attach_socket(self.paths)
         except OSError as exc:

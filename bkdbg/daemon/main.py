@@ -29,6 +29,7 @@ from bkdbg.daemon.instances import (
 )
 from bkdbg.daemon.server import Server
 from bkdbg.errors import BkdbgError, ServerError
+from bkdbg.heap import tune_malloc
 
 if TYPE_CHECKING:
     from bkdbg.daemon.client import DaemonClient
@@ -80,6 +81,7 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None) ->
         logger.exception("server %s could not start", args.id)
         return 1
     _notify_ready(args.ready_fd)
+    tune_malloc()
     if isinstance(server.session.backend, _DeferredGatewayBackend):
         threading.Thread(target=_import_gateway, name="import-gateway", daemon=True).start()
     _wait_stopped(server)
