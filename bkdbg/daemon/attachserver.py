@@ -95,6 +95,7 @@ class AttachListener:
                 return
             if not admit(conn, self.uid, "an attach connection"):
                 self.rejected += 1
+                conn.close()
                 continue
             self._serve_in_thread(conn)
 

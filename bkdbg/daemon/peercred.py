@@ -68,7 +68,8 @@ def peer_allowed(sock: socket.socket, uid: int | None = None) -> bool:
 def admit(conn: socket.socket, uid: int, what: str) -> bool:
     """Return whether `conn`'s peer runs as `uid`.
 
-    A stranger's connection is logged as a rejected `what` and closed.
+    A stranger's connection is logged as a rejected `what`. The caller closes it, after
+    counting it, so that the stranger sees the close only once the count is up to date.
     """
     if peer_allowed(conn, uid):
         return True
@@ -76,7 +77,6 @@ def admit(conn: socket.socket, uid: int, what: str) -> bool:
         "rejected %s from uid %s (pid %s): only uid %d may connect",
         what, peer_uid(conn), peer_pid(conn), uid,
     )
-    conn.close()
     return False
 
 
@@ -135,6 +135,7 @@ class FrontListener:
     def _handle(self, conn: socket.socket) -> None:
         if not admit(conn, self.uid, "a connection"):
             self.rejected += 1
+            conn.close()
             return
         try:
             backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
