@@ -30,7 +30,7 @@ from bkdbg.errors import (
 )
 from bkdbg.gateway.address import TLSOptions, parse_address
 from bkdbg.gateway.connection import START_HINT, connect, map_rpc_error
-from bkdbg.gateway.dockerbridge import DockerBridge
+from bkdbg.gateway.dockerbridge import DockerBridge, dial_session
 from bkdbg.gateway.info import BuildkitInfo, WorkerInfo, buildkit_info, format_info
 
 TIMEOUT = 2.0  # seconds, for probes against stand-ins that respond at once or never
@@ -443,6 +443,48 @@ def test_bridge_upgrades_and_echoes(fake_engine):
     assert "\r\nConnection: Upgrade\r\n" in request
     assert "\r\nUpgrade: h2c\r\n" in request
     assert "\r\nHost: " in request
+
+
+def test_dial_session_sends_session_headers(fake_engine):
+    engine = fake_engine(UPGRADED + b"preface")
+    headers = [
+        ("x-docker-expose-session-uuid", "abc123"),
+        ("x-docker-expose-session-grpc-method", "/a.A/One"),
+        ("x-docker-expose-session-grpc-method", "/a.A/Two"),
+    ]
+    sock, initial = dial_session(
+        parse_address(f"docker://unix://{engine.path}"), TIMEOUT, headers
+    )
+    with sock:
+        assert initial == b"preface"
+        sock.sendall(b"ping")
+        assert sock.recv(16) == b"ping"
+    request = engine.requests[-1].decode()
+    assert request.startswith("POST /session HTTP/1.1\r\n")
+    assert "\r\nUpgrade: h2c\r\n" in request
+    assert "\r\nx-docker-expose-session-uuid: abc123\r\n" in request
+    assert "\r\nx-docker-expose-session-grpc-method: /a.A/One\r\n" in request
+    assert "\r\nx-docker-expose-session-grpc-method: /a.A/Two\r\n" in request
+
+
+def test_dial_session_404_names_endpoint(fake_engine):
+    engine = fake_engine(NOT_FOUND)
+    address = parse_address(f"docker://unix://{engine.path}")
+    with pytest.raises(OSError) as excinfo:
+        dial_session(address, TIMEOUT, [("x-docker-expose-session-uuid", "abc123")])
+    assert str(excinfo.value) == (
+        f"cannot reach BuildKit through {address}: the engine returned "
+        "'HTTP/1.1 404 Not Found' to POST /session instead of 101 Switching Protocols, "
+        "so it has no session endpoint"
+    )
+
+
+def test_dial_session_rejects_line_break_in_header(fake_engine):
+    engine = fake_engine(UPGRADED)
+    address = parse_address(f"docker://unix://{engine.path}")
+    with pytest.raises(ValueError, match="a line break in a header"):
+        dial_session(address, TIMEOUT, [("x-docker-expose-session-name", "a\r\nX: y")])
+    assert engine.requests == []
 
 
 def test_bridge_socket_is_private(fake_engine):

@@ -12,7 +12,14 @@ import pytest
 
 from bkdbg.buildkit_proto import fsutil_types_pb2
 from bkdbg.gateway.filesend import ReceiveError, TreeReceiver
-from bkdbg.gateway.filesync import FileSyncService, LocalDir, decode_metadata, make_walk
+from bkdbg.gateway.filesync import (
+    BATCH_BYTES,
+    FileSyncService,
+    LocalDir,
+    batched,
+    decode_metadata,
+    make_walk,
+)
 from bkdbg.gateway.fswalk import (
     MODE_DIR,
     MODE_NAMED_PIPE,
@@ -262,6 +269,80 @@ def test_diffcopy_sends_stats_then_requested_data(
     assert data[paths.index("b")] == b"bee\n"
     assert data[paths.index("ünï/cödé.txt")] == b"unicode\n"
     assert paths.index("hl") not in data
+
+
+def test_diffcopy_many_files_span_batches(context_server: H2TestServer, source: Path) -> None:
+    # far more than one batch of stats and data, plus a file larger than a batch
+    many = source / "many"
+    many.mkdir()
+    contents = {f"many/f{index:04d}": os.urandom(index % 700) for index in range(1500)}
+    for name, content in contents.items():
+        (source / name).write_bytes(content)
+    large = os.urandom(3 * BATCH_BYTES + 12345)
+    (source / "many" / "large").write_bytes(large)
+    with context_server.channel() as channel:
+        stats, data = receive_all(channel, [("dir-name", "context")])
+    paths = [s.path for s in stats]
+    assert paths == walk_paths(source)
+    for name, content in contents.items():
+        assert data[paths.index(name)] == content
+    assert data[paths.index("many/large")] == large
+
+
+def test_diffcopy_receiver_error_aborts(context_server: H2TestServer) -> None:
+    call = context_server.channel().stream_stream(
+        DIFF_COPY,
+        request_serializer=Packet.SerializeToString,
+        response_deserializer=Packet.FromString,
+    )
+    requests = iter([Packet(type=Packet.PACKET_ERR, data=b"disk full")])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call(requests, metadata=[("dir-name", "context")], timeout=30))
+    assert caught.value.code() == grpc.StatusCode.UNKNOWN
+    assert caught.value.details() == "error from receiver: disk full"
+
+
+def test_diffcopy_receiver_closing_before_fin_aborts(context_server: H2TestServer) -> None:
+    call = context_server.channel().stream_stream(
+        DIFF_COPY,
+        request_serializer=Packet.SerializeToString,
+        response_deserializer=Packet.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call(iter([]), metadata=[("dir-name", "context")], timeout=30))
+    assert caught.value.code() == grpc.StatusCode.UNKNOWN
+    assert caught.value.details() == "the receiver closed the stream before FIN"
+
+
+def stat_packet(path: str) -> Any:
+    return Packet(type=Packet.PACKET_STAT, stat=fsutil_types_pb2.Stat(path=path))
+
+
+def test_batched_groups_until_size() -> None:
+    chunk = b"x" * (BATCH_BYTES // 2)
+    packets = [Packet(type=Packet.PACKET_DATA, ID=1, data=chunk) for _ in range(5)]
+    batches = list(batched(iter(packets)))
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    assert [packet for batch in batches for packet in batch] == packets
+
+
+def test_batched_sends_at_none() -> None:
+    packets = [stat_packet("a"), None, None, stat_packet("b"), stat_packet("c")]
+    batches = list(batched(iter(packets)))
+    assert [[p.stat.path for p in batch] for batch in batches] == [["a"], ["b", "c"]]
+
+
+def test_batched_sends_gathered_packets_before_error() -> None:
+    def packets() -> Iterator[Any]:
+        yield stat_packet("a")
+        yield stat_packet("b")
+        raise OSError("unreadable")
+
+    gathered = []
+    with pytest.raises(OSError, match="unreadable"):
+        for batch in batched(packets()):
+            gathered.extend(p.stat.path for p in batch)
+    assert gathered == ["a", "b"]
 
 
 def test_diffcopy_applies_request_filters(context_server: H2TestServer) -> None:

@@ -3,7 +3,9 @@
 import base64
 import io
 import json
+import logging
 import os
+import queue
 import shutil
 import socket
 import struct
@@ -11,7 +13,7 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +25,14 @@ import pytest
 from bkdbg.buildkit_proto import (
     auth_pb2,
     control_pb2,
+    control_pb2_grpc,
     secrets_pb2,
     sshforward_pb2,
 )
 from bkdbg.errors import BuildkitError, UsageError
 from bkdbg.gateway.auth import AuthService
-from bkdbg.gateway.connection import connect
+from bkdbg.gateway.connection import Connection, ControlClient, connect
+from bkdbg.gateway.h2call import RequestStream, ResponseBatch
 from bkdbg.gateway.h2server import H2Server
 from bkdbg.gateway.secrets import SecretsService
 from bkdbg.gateway.session import Session, health_handler
@@ -147,6 +151,53 @@ def test_h2_echo_large_and_many(h2_server: Any) -> None:
         replies = list(channel.stream_stream("/test.Test/Echo")(iter(messages), timeout=30))
     assert len(replies) == len(messages)
     assert replies == messages
+
+
+def test_h2_response_batches_arrive_as_messages(h2_server: Any) -> None:
+    # messages larger than a frame and than an outbox chunk, and many small ones
+    batches = [
+        ResponseBatch([os.urandom(300 * 1024), b"", os.urandom(20_000)]),
+        ResponseBatch(b"s%d" % i for i in range(3000)),
+        b"single",
+    ]
+
+    def send(request: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+        yield from batches
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Test", {"Batches": grpc.unary_stream_rpc_method_handler(send)}
+    )
+    server = h2_server([handler])
+    with server.channel() as channel:
+        replies = list(channel.unary_stream("/test.Test/Batches")(b"", timeout=30))
+    assert replies == [*batches[0], *batches[1], b"single"]
+
+
+def test_h2_request_stream_ready(h2_server: Any) -> None:
+    readiness: list[bool] = []
+
+    def probe(requests: RequestStream, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"waiting"
+        readiness.append(requests.ready())  # the client sends only after "waiting"
+        first = next(requests)
+        rest = list(requests)
+        readiness.append(requests.ready())
+        yield first + b"".join(rest)
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Test", {"Probe": grpc.stream_stream_rpc_method_handler(probe)}
+    )
+    server = h2_server([handler])
+    outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    with server.channel() as channel:
+        call = channel.stream_stream("/test.Test/Probe")(
+            iter(outgoing.get, None), timeout=30
+        )
+        assert next(call) == b"waiting"
+        outgoing.put(b"a")
+        outgoing.put(None)
+        assert list(call) == [b"a"]
+    assert readiness == [False, True]
 
 
 def test_h2_abort_status(h2_server: Any) -> None:
@@ -449,11 +500,15 @@ def solve(
     exporter: str,
     target: Target,
     secrets: Sequence[SecretSpec] = (),
+    control: Callable[[Connection], Any] = lambda conn: conn.control,
 ) -> None:
-    """Build `context` with the Dockerfile frontend directly and one exporter."""
+    """Build `context` with the Dockerfile frontend directly and one exporter.
+
+    `control` returns what the session gets as its `control` argument.
+    """
     with connect(addr) as conn:
         session = Session(
-            conn.control,
+            control(conn),
             shared_key=f"test-{time.monotonic_ns()}",
             local_dirs={"context": str(context), "dockerfile": str(context)},
             secrets=secrets,
@@ -543,6 +598,70 @@ def test_session_local_export_matches_context(
     assert exported["ünïcödé.txt"][2] == "unicode\n"
     source_mtime = (context / "app" / "main.sh").stat().st_mtime_ns
     assert (out / "ctx" / "app" / "main.sh").stat().st_mtime_ns == source_mtime
+
+
+def without_session_endpoint(conn: Connection) -> ControlClient:
+    return ControlClient(conn.channel, conn.h2_dialer, None)
+
+
+def with_failing_session_endpoint(conn: Connection) -> ControlClient:
+    def reject_upgrade(headers: Sequence[tuple[str, str]]) -> tuple[socket.socket, bytes]:
+        raise OSError("cannot reach BuildKit through the engine: 404 Not Found")
+
+    return ControlClient(conn.channel, conn.h2_dialer, reject_upgrade)
+
+
+# each way the session's connection can travel, and the control argument that selects it
+TRANSPORTS: dict[str, Callable[[Connection], Any]] = {
+    "EngineSession": lambda conn: conn.control,
+    "SessionStream": without_session_endpoint,
+    "ChannelSession": lambda conn: control_pb2_grpc.ControlStub(conn.channel),
+}
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+def test_session_transport_uploads_context(
+    buildkit_addr: str,
+    make_context: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    transport: str,
+) -> None:
+    context = write_test_context(make_context)
+    # larger than the session's batches and BuildKit's first flow-control windows
+    large = os.urandom(5 * 1024 * 1024 + 3)
+    (context / "large.bin").write_bytes(large)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="bkdbg.gateway.session"):
+        solve(
+            buildkit_addr,
+            context,
+            "local",
+            Target(0, directory=str(out)),
+            control=TRANSPORTS[transport],
+        )
+    assert f"started on {transport} " in caplog.text
+    assert (out / "ctx" / "large.bin").read_bytes() == large
+    assert (out / "ctx" / "keep" / "deep" / "kept.log").read_text() == "kept\n"
+    assert not (out / "ctx" / "app" / "debug.log").exists()
+
+
+def test_session_falls_back_without_session_endpoint(
+    buildkit_addr: str, make_context: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    context = write_test_context(make_context)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="bkdbg.gateway"):
+        solve(
+            buildkit_addr,
+            context,
+            "local",
+            Target(0, directory=str(out)),
+            control=with_failing_session_endpoint,
+        )
+    assert "POST /session failed, using Control.Session instead: cannot reach" in caplog.text
+    assert "started on SessionStream " in caplog.text
+    assert (out / "ctx" / "app" / "main.sh").read_text() == "echo main\n"
 
 
 def test_session_tar_export(buildkit_addr: str, make_context: Any, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -33,12 +33,16 @@ from bkdbg.gateway.address import (
     candidate_addresses,
     parse_address,
 )
-from bkdbg.gateway.dockerbridge import DockerBridge, dial_engine
+from bkdbg.gateway.dockerbridge import DockerBridge, dial_engine, dial_session
 
 logger = logging.getLogger(__name__)
 
 H2Dialer = Callable[[], tuple[socket.socket, bytes]]
 """Opens a connection that speaks HTTP/2 to BuildKit; returns it and bytes already read."""
+
+SessionDialer = Callable[[Sequence[tuple[str, str]]], tuple[socket.socket, bytes]]
+"""Opens a connection for a client session with the given headers, and returns it with
+the bytes already read."""
 
 MAX_MESSAGE_LENGTH = 16 * 1024 * 1024  # bytes, the limit buildctl and buildx set too
 
@@ -57,6 +61,23 @@ START_HINT = (
 )
 
 
+class ControlClient(control_pb2_grpc.ControlStub):  # type: ignore[misc]
+    """A stub of BuildKit's Control service that also carries its connection's dialers.
+
+    `Session` uses them to carry its connection outside grpcio (see `Connection`).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        h2_dialer: H2Dialer | None,
+        session_dialer: SessionDialer | None,
+    ) -> None:
+        super().__init__(channel)
+        self.h2_dialer = h2_dialer
+        self.session_dialer = session_dialer
+
+
 @dataclass
 class Connection:
     """An open gRPC channel to BuildKit.
@@ -66,6 +87,8 @@ class Connection:
     `bridge` is the Docker bridge behind ``docker://`` and ``docker-container://``.
     `h2_dialer` opens a new HTTP/2 connection to BuildKit outside grpcio (see `h2client`),
     for ``unix://`` and ``docker://`` only; it is None for the other schemes.
+    `session_dialer` opens a connection through the Docker Engine's session endpoint, for
+    ``docker://`` only.
     """
 
     address: str
@@ -73,11 +96,12 @@ class Connection:
     warnings: list[str] = field(default_factory=list)
     bridge: DockerBridge | None = None
     h2_dialer: H2Dialer | None = None
+    session_dialer: SessionDialer | None = None
 
     @property
-    def control(self) -> control_pb2_grpc.ControlStub:
+    def control(self) -> ControlClient:
         """A stub of BuildKit's Control service on this channel."""
-        return control_pb2_grpc.ControlStub(self.channel)
+        return ControlClient(self.channel, self.h2_dialer, self.session_dialer)
 
     def map_error(self, exc: grpc.RpcError, what: str) -> BkdbgError:
         """Translate an RPC error on this connection with `map_rpc_error`."""
@@ -161,7 +185,14 @@ def _open(address: Address, tls: TLSOptions | None, timeout: float) -> Connectio
         bridge = _start_bridge(address, timeout)
         channel = grpc.insecure_channel(bridge.target, CHANNEL_OPTIONS)
 
-    connection = Connection(address.text, channel, warnings, bridge, _h2_dialer(address, timeout))
+    connection = Connection(
+        address.text,
+        channel,
+        warnings,
+        bridge,
+        _h2_dialer(address, timeout),
+        _session_dialer(address, timeout),
+    )
     try:
         _probe(connection, timeout)
     except _Unreachable:
@@ -178,6 +209,12 @@ def _h2_dialer(address: Address, timeout: float) -> H2Dialer | None:
         return functools.partial(_dial_unix, address.path or "", timeout)
     if address.scheme == "docker":
         return functools.partial(dial_engine, address, timeout)
+    return None
+
+
+def _session_dialer(address: Address, timeout: float) -> SessionDialer | None:
+    if address.scheme == "docker":
+        return functools.partial(dial_session, address, timeout)
     return None
 
 

@@ -13,6 +13,9 @@ opens there it opens a connection to BuildKit and splices the two byte streams:
 
 The interactive keystroke path runs through the bridge, so each direction is one thread that
 copies with a 256 KiB buffer and no extra framing.
+
+`dial_engine` (``POST /grpc``) and `dial_session` (``POST /session``) return upgraded
+connections to callers that speak HTTP/2 themselves, without the bridge.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -41,14 +44,19 @@ CLOSE_JOIN_TIMEOUT = 2.0  # seconds that close() waits for each bridge thread to
 _MAX_UNIX_PATH = 100  # sockaddr_un has room for 107 bytes and a NUL, file name included
 
 _UPGRADE_REQUEST = (
-    "POST /grpc HTTP/1.1\r\n"
+    "POST {path} HTTP/1.1\r\n"
     "Host: {host}\r\n"
     "User-Agent: bkdbg\r\n"
     "Content-Length: 0\r\n"
     "Connection: Upgrade\r\n"
     "Upgrade: h2c\r\n"
+    "{headers}"
     "\r\n"
 )
+GRPC_PATH = "/grpc"  # BuildKit's gRPC API (Control, LLBBridge)
+# Docker Engine's session endpoint: after the upgrade the connection carries the client
+# session's own HTTP/2 connection, with BuildKit as the client (Engine API POST /session)
+SESSION_PATH = "/session"
 
 
 class Stream(Protocol):
@@ -353,28 +361,44 @@ class _UpstreamError(Exception):
     """The reason an upstream connection could not be opened, in a few words."""
 
 
-def open_engine(address: Address, timeout: float) -> SocketStream:
-    """Connect to the Docker Engine of a ``docker://`` address and upgrade to h2c.
+def open_engine(
+    address: Address,
+    timeout: float,
+    path: str = GRPC_PATH,
+    headers: Sequence[tuple[str, str]] = (),
+) -> SocketStream:
+    """Connect to the Docker Engine of a ``docker://`` address and upgrade `path` to h2c.
 
-    Returns the upgraded connection, carrying any bytes the engine sent after its response
-    headers. Raises _UpstreamError when the engine cannot be reached or rejects the upgrade.
+    `headers` are added to the request. Returns the upgraded connection, carrying any
+    bytes the engine sent after its response headers. Raises _UpstreamError when the
+    engine cannot be reached or rejects the upgrade.
     """
+    request = _UPGRADE_REQUEST.format(
+        path=path,
+        host="docker" if address.path else f"{address.host}:{address.port}",
+        headers="".join(_header_line(name, value) for name, value in headers),
+    )
     sock = _connect_engine(address, timeout)
     try:
-        host = "docker" if address.path else f"{address.host}:{address.port}"
-        sock.sendall(_UPGRADE_REQUEST.format(host=host).encode())
-        initial = _read_upgrade_response(sock)
+        sock.sendall(request.encode())
+        initial = _read_upgrade_response(sock, path)
     except _UpstreamError:
         sock.close()
         raise
     except TimeoutError as exc:
         sock.close()
-        raise _UpstreamError(f"POST /grpc timed out after {timeout:g} s") from exc
+        raise _UpstreamError(f"POST {path} timed out after {timeout:g} s") from exc
     except OSError as exc:
         sock.close()
-        raise _UpstreamError(f"POST /grpc failed: {_os_reason(exc)}") from exc
+        raise _UpstreamError(f"POST {path} failed: {_os_reason(exc)}") from exc
     sock.settimeout(None)
     return SocketStream(sock, initial)
+
+
+def _header_line(name: str, value: str) -> str:
+    if any(char in "\r\n" for char in name + value):
+        raise ValueError(f"invalid HTTP header {name!r}: {value!r}: a line break in a header")
+    return f"{name}: {value}\r\n"
 
 
 def dial_engine(address: Address, timeout: float) -> tuple[socket.socket, bytes]:
@@ -383,8 +407,28 @@ def dial_engine(address: Address, timeout: float) -> tuple[socket.socket, bytes]
     The second item is what the engine sent after its response headers, the start of
     its HTTP/2 stream. Raises OSError naming the reason when the upgrade fails.
     """
+    return _dial(address, timeout, GRPC_PATH, ())
+
+
+def dial_session(
+    address: Address, timeout: float, headers: Sequence[tuple[str, str]]
+) -> tuple[socket.socket, bytes]:
+    """Return a connection for a client session through the engine's ``POST /session``.
+
+    `headers` are the session's ``x-docker-expose-session-*`` pairs, which BuildKit reads
+    there as it reads them from `Control.Session`'s metadata. On the connection BuildKit
+    is the HTTP/2 client of the session's services; the second item is what the engine
+    sent after its response headers. Raises OSError naming the reason when the upgrade
+    fails.
+    """
+    return _dial(address, timeout, SESSION_PATH, headers)
+
+
+def _dial(
+    address: Address, timeout: float, path: str, headers: Sequence[tuple[str, str]]
+) -> tuple[socket.socket, bytes]:
     try:
-        upstream = open_engine(address, timeout)
+        upstream = open_engine(address, timeout, path, headers)
     except _UpstreamError as exc:
         raise OSError(f"cannot reach BuildKit through {address}: {exc}") from exc
     initial, upstream._initial = upstream._initial, b""
@@ -413,7 +457,7 @@ def _connect_engine(address: Address, timeout: float) -> socket.socket:
         raise _UpstreamError(_os_reason(exc)) from exc
 
 
-def _read_upgrade_response(sock: socket.socket) -> bytes:
+def _read_upgrade_response(sock: socket.socket, path: str) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(4096)
@@ -421,15 +465,16 @@ def _read_upgrade_response(sock: socket.socket) -> bytes:
             raise _UpstreamError("the engine closed the connection during the h2c upgrade")
         data += chunk
         if len(data) > MAX_RESPONSE_HEADER:
-            raise _UpstreamError("the engine's response to POST /grpc has no end of headers")
+            raise _UpstreamError(f"the engine's response to POST {path} has no end of headers")
     head, _, rest = data.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = status_line.split(" ", 2)
     if len(parts) < 2 or parts[1] != "101":
+        missing = "BuildKit" if path == GRPC_PATH else "session endpoint"
         raise _UpstreamError(
-            f"the engine returned {status_line!r} to POST /grpc instead of "
+            f"the engine returned {status_line!r} to POST {path} instead of "
             "101 Switching Protocols"
-            + (", so it has no BuildKit" if len(parts) > 1 and parts[1] == "404" else "")
+            + (f", so it has no {missing}" if len(parts) > 1 and parts[1] == "404" else "")
         )
     return rest
 

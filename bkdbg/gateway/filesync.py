@@ -7,7 +7,7 @@ names the local dir and carries the filters; the client filters (fswalk), then:
 1. sends one STAT packet per entry in walk order, then a STAT packet with no stat;
 2. responds to each REQ{ID} (ID = index of the entry in the STAT sequence) with DATA
    packets streamed from the file and an empty DATA packet at its end, even while
-   stats are still being sent, so REQs are read on their own thread;
+   stats are still being sent, so REQs are read between the packets it sends;
 3. answers the receiver's FIN with a FIN and ends the stream. An ERR packet from either
    side aborts the transfer.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +26,7 @@ import grpc
 from bkdbg.buildkit_proto import fsutil_types_pb2
 from bkdbg.errors import UsageError
 from bkdbg.gateway.fswalk import FilteredWalk, WalkedEntry
+from bkdbg.gateway.h2call import RequestStream, ResponseBatch
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ Packet = fsutil_types_pb2.Packet
 # fsutil sends 32 KiB chunks; 64 KiB halves the per-message cost and stays far below
 # grpc's 4 MiB default limit on the daemon's side
 CHUNK_SIZE = 64 * 1024
+# Packets go to the session's server in batches of about BATCH_BYTES. A context of
+# 20,000 small files makes some 60,000 packets, and each batch costs one wakeup of the
+# connection's writer instead of one per packet. A batch also goes out when a packet
+# arrives BATCH_AGE seconds after its first one, and before the sender waits for the
+# receiver.
+BATCH_BYTES = 256 * 1024
+BATCH_AGE = 0.01
+PACKET_OVERHEAD = 64  # bytes counted for a packet besides its data, an estimate
 
 KEY_DIR_NAME = "dir-name"
 KEY_INCLUDE_PATTERNS = "include-patterns"
@@ -96,7 +104,11 @@ class FileSyncService:
         """Nothing to release: DiffCopy streams end with the session's server."""
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """Return the gRPC handler for DiffCopy and TarStream."""
+        """Return the gRPC handler for DiffCopy and TarStream.
+
+        DiffCopy reads a RequestStream and yields ResponseBatches, so only the session's
+        H2Server can serve it.
+        """
         methods = {
             name: grpc.stream_stream_rpc_method_handler(
                 method,
@@ -108,8 +120,8 @@ class FileSyncService:
         return grpc.method_handlers_generic_handler(self.SERVICE, methods)
 
     def diff_copy(
-        self, request_iterator: Iterator[Packet], context: grpc.ServicerContext
-    ) -> Iterator[Packet]:
+        self, request_iterator: RequestStream, context: grpc.ServicerContext
+    ) -> Iterator[ResponseBatch | Packet]:
         options = decode_metadata(context.invocation_metadata())
         name = (options.get(KEY_DIR_NAME) or [""])[0]
         local = self._dirs.get(name)
@@ -150,13 +162,17 @@ def make_walk(local: LocalDir, options: Mapping[str, Sequence[str]]) -> Filtered
 
 
 class DiffCopySender:
-    """One DiffCopy stream: stats from the walk, file data on request, then FIN."""
+    """One DiffCopy stream: stats from the walk, file data on request, then FIN.
+
+    The receiver's packets are read between the packets sent, from `requests` (the
+    session server's RequestStream), so the transfer needs no thread of its own.
+    """
 
     def __init__(
         self,
         name: str,
         walk: Iterable[WalkedEntry],
-        requests: Iterator[Packet],
+        requests: RequestStream,
         context: grpc.ServicerContext,
     ) -> None:
         self.name = name
@@ -165,7 +181,6 @@ class DiffCopySender:
         self._context = context
         self._files: dict[int, str] = {}  # requestable entry ID -> local path
         self._pending: collections.deque[int] = collections.deque()
-        self._wakeup = threading.Condition()
         self._fin = False
         self._ended = False
         self._error: str | None = None
@@ -173,17 +188,11 @@ class DiffCopySender:
         self.files_sent = 0
         self.bytes_sent = 0
 
-    def run(self) -> Iterator[Packet]:
-        """Yield the packets to send; the gRPC server sends them one by one."""
+    def run(self) -> Iterator[ResponseBatch | Packet]:
+        """Yield the packets to send, mostly in batches (see BATCH_BYTES)."""
         started = time.monotonic()
-        reader = threading.Thread(
-            target=self._read_requests, name=f"diffcopy-{self.name}-requests", daemon=True
-        )
-        reader.start()
-        self._context.add_callback(self._on_rpc_done)
         try:
-            yield from self._send_stats()
-            yield from self._serve_requests()
+            yield from batched(self._transfer())
         except OSError as exc:
             message = f"failed to send {exc.filename or self.name}: {exc.strerror or exc}"
             logger.warning("context transfer %r failed: %s", self.name, message)
@@ -206,30 +215,38 @@ class DiffCopySender:
             time.monotonic() - started,
         )
 
+    def _transfer(self) -> Iterator[Packet | None]:
+        """Yield every packet of the transfer, and None where a batch must go out now."""
+        yield from self._send_stats()
+        yield from self._serve_requests()
+
     def _send_stats(self) -> Iterator[Packet]:
         for entry in self._walk:
             if entry.requestable:
                 self._files[self.entries] = entry.abs_path
             self.entries += 1
             yield Packet(type=Packet.PACKET_STAT, stat=entry.stat)
+            # files requested while stats are still being sent are sent in between
+            self._read_requests(wait=False)
             while self._pending:
                 yield from self._send_file(self._pending.popleft())
             self._check_aborted()
         yield Packet(type=Packet.PACKET_STAT)
 
-    def _serve_requests(self) -> Iterator[Packet]:
+    def _serve_requests(self) -> Iterator[Packet | None]:
         while True:
-            with self._wakeup:
-                while not (self._pending or self._fin or self._ended or self._error):
-                    self._wakeup.wait()
+            self._read_requests(wait=False)
             self._check_aborted()
             if self._pending:
                 yield from self._send_file(self._pending.popleft())
             elif self._fin:
                 yield Packet(type=Packet.PACKET_FIN)
                 return
-            else:
+            elif self._ended:
                 raise TransferAborted("the receiver closed the stream before FIN")
+            else:
+                yield None  # the receiver may wait for what is gathered
+                self._read_requests(wait=True)
 
     def _send_file(self, file_id: int) -> Iterator[Packet]:
         path = self._files.pop(file_id, None)
@@ -254,29 +271,49 @@ class DiffCopySender:
         if self._error is not None:
             raise TransferAborted(f"error from receiver: {self._error}")
 
-    def _read_requests(self) -> None:
-        """Queue the receiver's REQs and note FIN, ERR or the end of the stream."""
-        try:
-            for packet in self._requests:
-                if packet.type == Packet.PACKET_REQ:
-                    self._pending.append(packet.ID)
-                    self._notify()
-                elif packet.type == Packet.PACKET_FIN:
-                    self._notify(fin=True)
-                elif packet.type == Packet.PACKET_ERR:
-                    self._notify(error=packet.data.decode("utf-8", "replace"))
-                    return
-        except grpc.RpcError as exc:
-            logger.debug("dir %r: request stream ended: %s", self.name, exc.code())
-        finally:
-            self._notify(ended=True)
+    def _read_requests(self, wait: bool) -> None:
+        """Queue the REQs that have arrived and note FIN, ERR or the end of the stream.
 
-    def _notify(self, fin: bool = False, error: str | None = None, ended: bool = False) -> None:
-        with self._wakeup:
-            self._fin = self._fin or fin
-            self._error = self._error or error
-            self._ended = self._ended or ended
-            self._wakeup.notify_all()
+        With `wait`, wait for at least one packet (or the end) first.
+        """
+        while not (self._ended or self._error) and (wait or self._requests.ready()):
+            wait = False
+            packet = next(self._requests, None)
+            if packet is None:
+                self._ended = True
+            elif packet.type == Packet.PACKET_REQ:
+                self._pending.append(packet.ID)
+            elif packet.type == Packet.PACKET_FIN:
+                self._fin = True
+            elif packet.type == Packet.PACKET_ERR:
+                self._error = packet.data.decode("utf-8", "replace")
 
-    def _on_rpc_done(self) -> None:
-        self._notify(ended=True)
+
+def batched(packets: Iterable[Packet | None]) -> Iterator[ResponseBatch]:
+    """Group packets into batches of about BATCH_BYTES; a None sends the batch at once.
+
+    When `packets` raises, the batch gathered so far is sent before the exception goes on.
+    """
+    batch = ResponseBatch()
+    size = 0
+    first = 0.0
+    try:
+        for packet in packets:
+            if packet is not None:
+                now = time.monotonic()
+                if not batch:
+                    first = now
+                batch.append(packet)
+                size += len(packet.data) + PACKET_OVERHEAD
+                if size < BATCH_BYTES and now - first < BATCH_AGE:
+                    continue
+            if batch:
+                yield batch
+                batch = ResponseBatch()
+                size = 0
+    except Exception:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch

@@ -26,6 +26,15 @@ class AbortRpc(Exception):
         self.details = details
 
 
+class ResponseBatch(list[Any]):
+    """Responses of one call that the server sends together, in as few frames as it can.
+
+    A handler yields a batch in place of single responses to save the per-message cost
+    of framing and of waking the connection's writer. The server serializes each item
+    as its own gRPC message, so the peer receives the same messages either way.
+    """
+
+
 class Metadatum(NamedTuple):
     key: str
     value: str | bytes
@@ -58,11 +67,47 @@ class H2Stream:
 
 
 class CallOwner(Protocol):
-    """The interface of the server that runs a ServerContext's call."""
+    """The interface of the server that runs a call's ServerContext and RequestStream."""
 
     def add_callback(self, stream: H2Stream, callback: Callable[[], None]) -> bool: ...
 
     def cancel_stream(self, stream_id: int) -> None: ...
+
+    def consumed(self, stream: H2Stream, size: int) -> None: ...
+
+
+class RequestStream:
+    """The request messages of one call: the request iterator that handlers receive.
+
+    Besides waiting in `next()`, a handler can ask `ready()` whether a message or the end
+    of the requests has arrived, and so read requests between its responses without a
+    thread of its own.
+    """
+
+    def __init__(
+        self, owner: CallOwner, stream: H2Stream, deserialize: Callable[[bytes], Any]
+    ) -> None:
+        self._owner = owner
+        self._stream = stream
+        self._deserialize = deserialize
+        self._ended = False
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        message = self._stream.requests.get()
+        if message is None:
+            self._ended = True
+            raise StopIteration
+        self._owner.consumed(self._stream, len(message) + 5)  # with its gRPC prefix
+        return self._deserialize(message)
+
+    def ready(self) -> bool:
+        """Return whether `next()` returns without waiting."""
+        return self._ended or not self._stream.requests.empty()
 
 
 class ServerContext(grpc.ServicerContext):

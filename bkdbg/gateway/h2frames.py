@@ -32,9 +32,12 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return pack_header(len(payload), kind, flags, stream_id) + payload
 
 
+# a frame header: the 24-bit length and the type share the first four bytes
+FRAME_HEADER = struct.Struct(">IBI")
+
+
 def pack_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
-    # 24-bit length, type, flags, then the stream id with its reserved bit clear
-    return struct.pack(">I", length)[1:] + bytes((kind, flags)) + struct.pack(">I", stream_id)
+    return FRAME_HEADER.pack(length << 8 | kind, flags, stream_id)
 
 
 class Outbox:

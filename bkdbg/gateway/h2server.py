@@ -30,6 +30,8 @@ from bkdbg.gateway.h2call import (
     AbortRpc,
     CallDetails,
     H2Stream,
+    RequestStream,
+    ResponseBatch,
     ServerContext,
     StreamCancelled,
     metadatum,
@@ -75,6 +77,10 @@ MAX_STATUS_MESSAGE = 4096  # bytes of a grpc-message we send
 # gRPC percent-encodes grpc-message except printable ASCII other than "%"
 STATUS_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 RESERVED_HEADERS = frozenset({"te", "content-type", "grpc-encoding", "grpc-accept-encoding"})
+GRPC_PREFIX = struct.Struct(">BI")  # compressed flag, message length (gRPC over HTTP/2)
+# max DATA payload bytes per outbox chunk, so that what `Outbox.take` returns stays
+# close to the size it was asked for
+MAX_CHUNK = 256 * 1024
 
 
 class H2Server:
@@ -292,7 +298,10 @@ class H2Server:
         try:
             responses = self._call(stream, handler, context)
             for response in responses:
-                self.send_message(stream, serialize(response))
+                if isinstance(response, ResponseBatch):
+                    self.send_messages(stream, [serialize(item) for item in response])
+                else:
+                    self.send_message(stream, serialize(response))
             self.send_trailers(stream, grpc.StatusCode.OK, "")
         except AbortRpc as exc:
             self.send_trailers(stream, exc.code, exc.details)
@@ -308,8 +317,7 @@ class H2Server:
     def _call(
         self, stream: H2Stream, handler: grpc.RpcMethodHandler[Any, Any], context: ServerContext
     ) -> Iterator[Any]:
-        deserialize = handler.request_deserializer or _identity
-        requests = self._requests(stream, deserialize)
+        requests = RequestStream(self, stream, handler.request_deserializer or _identity)
         if handler.stream_stream is not None:
             return iter(handler.stream_stream(requests, context))
         if handler.unary_stream is not None:
@@ -325,30 +333,45 @@ class H2Server:
             raise AbortRpc(grpc.StatusCode.INTERNAL, "the request message is missing")
         return request
 
-    def _requests(self, stream: H2Stream, deserialize: Callable[[bytes], Any]) -> Iterator[Any]:
-        while True:
-            message = stream.requests.get()
-            if message is None:
-                return
-            self.consumed(stream, len(message) + 5)
-            yield deserialize(message)
-
     def send_message(self, stream: H2Stream, payload: bytes) -> None:
         """Send one gRPC message, waiting for flow-control windows as needed."""
-        data = memoryview(struct.pack(">BI", 0, len(payload)) + payload)
+        self._send_data(stream, GRPC_PREFIX.pack(0, len(payload)) + payload)
+
+    def send_messages(self, stream: H2Stream, payloads: Sequence[bytes]) -> None:
+        """Send gRPC messages back to back, in as few DATA frames as the windows allow."""
+        parts: list[bytes] = []
+        for payload in payloads:
+            parts.append(GRPC_PREFIX.pack(0, len(payload)))
+            parts.append(payload)
+        self._send_data(stream, b"".join(parts))
+
+    def _send_data(self, stream: H2Stream, data: bytes) -> None:
+        view = memoryview(data)
         with self._cond:
             if not stream.headers_sent:
                 self._send_headers(stream)
-            while data:
+            while view:
                 if self._peer_window <= 0 or stream.send_window <= 0:
                     self._wait_for_window(stream)
                 if stream.cancelled or self._closed:
                     raise StreamCancelled()
-                size = min(len(data), self._peer_window, stream.send_window, self._peer_max_frame)
-                self.outbox.put(pack_header(size, DATA, 0, stream.id) + data[:size].tobytes())
+                size = min(len(view), self._peer_window, stream.send_window, MAX_CHUNK)
+                self.outbox.put(self._data_frames(stream.id, view[:size]))
                 self._peer_window -= size
                 stream.send_window -= size
-                data = data[size:]
+                view = view[size:]
+
+    def _data_frames(self, stream_id: int, data: memoryview) -> bytes:
+        """Return `data` as DATA frames no larger than the peer's maximum frame size."""
+        max_frame = self._peer_max_frame
+        if len(data) <= max_frame:
+            return pack_header(len(data), DATA, 0, stream_id) + data
+        parts: list[bytes | memoryview] = []
+        for offset in range(0, len(data), max_frame):
+            chunk = data[offset : offset + max_frame]
+            parts.append(pack_header(len(chunk), DATA, 0, stream_id))
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _wait_for_window(self, stream: H2Stream) -> None:
         started = time.monotonic()

@@ -1,10 +1,11 @@
 """The client session: gRPC services that BuildKit calls back on during a build.
 
-`Control.Session` is a bidirectional stream of raw bytes that carries a second HTTP/2
-connection, on which BuildKit is the gRPC client and we are the server. The session
-serves that connection with `H2Server` (bkdbg.gateway.h2server): one thread feeds it
-the bytes BuildKit sends, and grpc's request thread of the stream sends the frames it
-queues, in large batches. No socket or port is opened for it.
+The session is an HTTP/2 connection on which BuildKit is the gRPC client and we are
+the server. It travels inside `Control.Session`, a bidirectional stream of raw bytes, or
+for a Docker Engine on a connection of its own (see bkdbg.gateway.sessiontransport).
+The session serves it with `H2Server` (bkdbg.gateway.h2server): one thread feeds it
+the bytes BuildKit sends, and the transport's writer thread sends the frames it queues,
+in batches. No socket or port is opened for BuildKit to dial.
 
 Served: FileSync (local dirs: context, Dockerfile, named contexts), FileSend (exports),
 Auth (registry credentials), Secrets, SSH (agent forwarding) and Health/Check, which
@@ -18,13 +19,13 @@ import logging
 import secrets as randomness
 import string
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent import futures
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
-from bkdbg.buildkit_proto import control_pb2, control_pb2_grpc
+from bkdbg.buildkit_proto import control_pb2_grpc
 from bkdbg.errors import BuildkitError
 from bkdbg.gateway.auth import AuthService
 from bkdbg.gateway.filesend import ExportDestination, FileSendService
@@ -32,6 +33,7 @@ from bkdbg.gateway.filesync import FileSyncService, LocalDir
 from bkdbg.gateway.h2frames import ProtocolError
 from bkdbg.gateway.h2server import H2Server
 from bkdbg.gateway.secrets import SecretsService
+from bkdbg.gateway.sessiontransport import SessionTransport, open_transport
 from bkdbg.gateway.sshforward import SSHService
 from bkdbg.options import SecretSpec, SSHSpec
 
@@ -53,8 +55,6 @@ ID_LENGTH = 25  # as BuildKit's identity.NewID
 # RUN step. The pool starts its threads on demand, so a generous size costs nothing
 # while idle, and it keeps health checks answered during a large upload.
 SERVER_THREADS = 32
-# bytes per BytesMessage to BuildKit; Docker Engine's gRPC server takes up to 4 MiB
-BATCH_SIZE = 1024 * 1024
 START_TIMEOUT = 10.0  # seconds to wait for BuildKit's first bytes on the session stream
 STOP_TIMEOUT = 5.0  # seconds for the pump thread to end in close()
 
@@ -89,8 +89,10 @@ def health_handler() -> grpc.GenericRpcHandler:
 class Session:
     """One BuildKit session, from `start()` until `close()` (also a context manager).
 
-    `control` is a ControlStub or a channel to BuildKit. `local_dirs` maps the names
-    BuildKit requests (`context`, `dockerfile`, named contexts) to directories.
+    `control` is a ControlStub or a channel to BuildKit; with a `ControlClient` (what
+    `Connection.control` returns) the session may run on a connection of its own.
+    `local_dirs` maps the names BuildKit requests (`context`, `dockerfile`, named
+    contexts) to directories.
     `exports` receive what the exporters of a solve send back, by exporter index.
     """
 
@@ -131,7 +133,7 @@ class Session:
         self._end_error: grpc.RpcError | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self._server: H2Server | None = None
-        self._call: Any = None  # the Control.Session call, a grpc response iterator
+        self._transport: SessionTransport | None = None
         self._incoming: threading.Thread | None = None
 
     @property
@@ -155,7 +157,7 @@ class Session:
         self.close()
 
     def start(self) -> None:
-        """Serve the session and open `Control.Session`; wait until BuildKit responds.
+        """Serve the session and open its connection to BuildKit; wait until BuildKit responds.
 
         Raises UsageError for an unusable --ssh value, and BuildkitError when BuildKit
         rejects or drops the session or sends nothing within 10 s. Call `close()` in
@@ -173,13 +175,20 @@ class Session:
         handlers = [health_handler()] + [service.handler() for service in self._services]
         self._server = H2Server(handlers, self._executor, name=f"session {self.id[:8]}")
         self._server.start()
-        self._call = self._control.Session(self._outgoing(self._server), metadata=self._metadata())
+        self._transport = open_transport(
+            self._control, self._metadata(), self._server.outbox, f"session-{self.id[:8]}-out"
+        )
         self._incoming = threading.Thread(
             target=self._pump_incoming, name=f"session-{self.id[:8]}-in", daemon=True
         )
         self._incoming.start()
         self._wait_started()
-        logger.info("session %s started (%d methods)", self.id, len(self.methods))
+        logger.info(
+            "session %s started on %s (%d methods)",
+            self.id,
+            type(self._transport).__name__,
+            len(self.methods),
+        )
 
     def _metadata(self) -> list[tuple[str, str]]:
         metadata = [
@@ -195,56 +204,53 @@ class Session:
         self._start_settled.wait(START_TIMEOUT)
         if self._first_bytes.is_set():
             return
+        assert self._transport is not None
+        method = self._transport.method
         if self._end_error is not None:
             code = self._end_error.code()
             details = self._end_error.details()
             raise BuildkitError(
-                f"Control.Session failed: BuildKit returned {code.name}: {details}: "
+                f"{method} failed: BuildKit returned {code.name}: {details}: "
                 "check that BuildKit runs and accepts sessions"
             ) from self._end_error
         if self._ended.is_set():
             raise BuildkitError(
-                "Control.Session failed: BuildKit ended the session at once: "
+                f"{method} failed: BuildKit ended the session at once: "
                 "check the BuildKit daemon's log"
             )
         raise BuildkitError(
-            f"Control.Session failed: BuildKit sent nothing in {START_TIMEOUT:.0f} s: "
+            f"{method} failed: BuildKit sent nothing in {START_TIMEOUT:.0f} s: "
             "check that BuildKit is healthy and retry"
         )
 
-    def _outgoing(self, server: H2Server) -> Iterator[control_pb2.BytesMessage]:
-        """Send what the server queued to BuildKit (run by grpc's request thread)."""
-        while (data := server.outbox.take(BATCH_SIZE)) is not None:
-            yield control_pb2.BytesMessage(data=data)
-
     def _pump_incoming(self) -> None:
-        """Feed the server what BuildKit sends, until the stream ends."""
-        assert self._server is not None
+        """Feed the server what BuildKit sends, until the connection ends."""
+        assert self._server is not None and self._transport is not None
         try:
-            for message in self._call:
+            for data in self._transport.received():
                 self._first_bytes.set()
                 self._start_settled.set()
-                self._server.feed(message.data)
+                self._server.feed(data)
         except grpc.RpcError as exc:
             self._end_error = exc
             if not self._closed:
                 logger.warning("session %s ended by BuildKit: %s", self.id, exc.code().name)
         except ProtocolError as exc:
             logger.warning("session %s: BuildKit broke the HTTP/2 protocol: %s", self.id, exc)
-            self._call.cancel()
+            self._transport.cancel()
         finally:
             self._ended.set()
             self._start_settled.set()
             self._server.close()
 
     def close(self) -> None:
-        """Cancel the stream and end every call the session serves; safe to repeat."""
+        """End the connection and every call the session serves; safe to repeat."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if self._call is not None:
-            self._call.cancel()
+        if self._transport is not None:
+            self._transport.cancel()
         if self._server is not None:
             self._server.close()
         if self._incoming is not None:
