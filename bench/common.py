@@ -563,7 +563,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def _process_label(pid: int) -> str:
     args = [arg.decode(errors="replace") for arg in _cmdline(pid).split(b"\0") if arg]
-    if "__server" in args:
+    if "__server" in args or _process_name(pid).startswith("bkdbg-"):
+        # a server forked by its client keeps the client's command line, named bkdbg-ID
         return "bkdbg server"
     if not args:
         return "?"
@@ -571,6 +572,13 @@ def _process_label(pid: int) -> str:
     if name.startswith("python") and len(args) > 1:
         name = Path(args[1]).name
     return "bkdbg client" if name == "bkdbg" else name
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def summarize_peaks(usage_by_pid: dict[int, ProcessUsage]) -> dict[str, int]:
