@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 LAUNCH_TIMEOUT = 10.0  # seconds until a new server must be serving
 MAX_FD = 65536  # a forked server closes the client's descriptors below this one
+THREAD_JOIN_TIMEOUT = 5.0  # seconds a forked server waits for its threads after serving
 LOG_TAIL_LINES = 3
 
 # bkdbg's global flags that take a value, and `build` flags that decide how its server starts
@@ -311,10 +312,11 @@ def _name_process(name: str) -> None:
 
 
 def _join_other_threads() -> None:
-    # what the interpreter does at exit, which os._exit skips
+    """Wait a while for non-daemon threads, as the interpreter's exit would (os._exit does not)."""
+    deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _reap_in_background(process: subprocess.Popen[bytes]) -> None:
