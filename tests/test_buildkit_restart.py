@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.buildkit import running_build_containers
 from tests.helpers.context import TEST_IMAGE, MakeContext
 from tests.helpers.faults import (
     MONITOR_PROMPT,
@@ -30,6 +32,7 @@ ENGINE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "local-buil
 LOCAL_ADDR = "docker://unix:///run/bkdbg-buildkit/docker.sock"
 ENGINE_TIMEOUT = 120  # seconds for the script to stop or start the engine
 NOTICE_TIMEOUT = 30  # seconds for bkdbg to notice that the engine went away
+CONTAINER_END_TIMEOUT = 15  # seconds for a container to end once its engine stopped
 
 
 @pytest.fixture
@@ -50,6 +53,20 @@ def root(tmp_path: Path) -> Iterator[Path]:
     stop_servers(path)
 
 
+def _wait_gone(container_ids: set[str], timeout: float) -> set[str]:
+    """Wait until none of `container_ids` runs; return those still running after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = {
+            cid
+            for cid, status in running_build_containers().items()
+            if cid in container_ids and status == "running"
+        }
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.2)
+
+
 def engine(action: str) -> None:
     subprocess.run(
         [str(ENGINE_SCRIPT), action], check=True, timeout=ENGINE_TIMEOUT, capture_output=True
@@ -64,10 +81,14 @@ def test_restart_idle_session(restartable: str, make_context: MakeContext, root:
                      root=root) as term:
         term.expect_exact(SHELL_PROMPT, timeout=60)
         expect_in_shell(term, "echo before-restart", "before-restart")
+        session_containers = set(running_build_containers())
+        assert session_containers
         try:
             engine("stop")
             # the shell's container went with the engine: a notice, then the monitor
             term.expect_exact(MONITOR_PROMPT, timeout=NOTICE_TIMEOUT)
+            # no release comes from a stopped engine: the container must end by itself
+            assert _wait_gone(session_containers, CONTAINER_END_TIMEOUT) == set()
         finally:
             engine("start")
         assert "Traceback" not in term.output

@@ -58,9 +58,11 @@ WRAPPER = _RUN_COMMAND + "exit 0\n"
 # The first process as init: once the command has ended, hold the container open. Not
 # with `read` on the tty: after the command, the shell may no longer be in the terminal's
 # foreground process group (a killed interactive shell cannot hand it back), and such a
-# read fails at once, forever. So `sleep` where the image has one, else `read`.
+# read fails at once, forever. So `sleep` where the image has one, else `read`. The loop
+# ends once the tty is hung up: when the engine dies, no release comes, and runc's
+# container would otherwise outlive it (seen when Docker Engine 26.1.5 was stopped).
 LEAD = _RUN_COMMAND + r"""if command -v sleep >/dev/null 2>&1; then
-  while sleep 86400; do :; done
+  while [ -t 0 ] && sleep 2; do :; done
 fi
 while read -r _; do :; done
 """
