@@ -10,8 +10,8 @@ from bkdbg.gateway.build import GatewayBuild
 from bkdbg.gateway.connection import connect
 from bkdbg.gateway.container import ProcessConfig
 from bkdbg.gateway.debug_container import DebugContainer
-from bkdbg.gateway.wrapper import MARKER_END, MARKER_START, MAX_MARKER, MarkerStripper
 from bkdbg.gateway.invoke import process_config
+from bkdbg.gateway.wrapper import MARKER_END, MARKER_START, MAX_MARKER, MarkerStripper
 from bkdbg.options import BuildOptions, parse_invoke
 from tests.helpers.context import TEST_IMAGE
 from tests.test_container import WAIT, Output

@@ -108,8 +108,9 @@ def test_help_lists_commands(app, capfd):
         "help",
     ):
         assert command in text
-    for hidden in ("shell", "edit", "run_pyscript", "quit"):
+    for hidden in ("shell", "edit", "run_pyscript", "quit", "alias", "macro", "set", "shortcuts"):
         assert f" {hidden} " not in f" {text} "
+    assert "Cmd2" not in text
 
 
 def test_unknown_command_names_it(app, capfd):
@@ -355,6 +356,14 @@ def test_exit_returns_last_status(app, client, ws, capfd):
     assert app.onecmd_plus_hooks("exit") is True
     assert app.exit_code == 3
     assert ("goodbye", True) in client.calls
+
+
+def test_exit_after_reload_ignores_old_status(app, client, ws, capfd):
+    ws.current.last_exit = 3
+    run_cmd(app, "reload", capfd)
+    assert ws.current.process_id == "p2"
+    assert app.onecmd_plus_hooks("exit") is True
+    assert app.exit_code == 0
 
 
 def test_end_of_input_detaches(app, client, capfd):

@@ -327,7 +327,7 @@ def ws(client, terminal, tmp_path) -> Workspace:
         ),
         (
             Closed("the server is shutting down"),
-            0,
+            1,
             "server 0a1b2c3d closed this client's connection: the server is shutting down",
         ),
         (
@@ -351,6 +351,17 @@ def test_enter_reports(ws, client, capsys, message, status, line):
     lines = capsys.readouterr().err.splitlines()
     # on a terminal every end but an exit first moves to a fresh line
     assert lines == ([line] if isinstance(message, Exited) else ["", line])
+
+
+def test_enter_reports_exit_reason(ws, client, capsys):
+    reason = "command not found in the image: nosuchcmd"
+    helper = in_background(lambda: stream_of(client).push(Exited(127, reason)))
+    assert session.enter(ws, "p1") is None
+    helper.join(WAIT)
+    assert capsys.readouterr().err.splitlines() == [
+        f"bkdbg: error: process p1: {reason}",
+        "Process p1 (sh) exited with status 127; type reload, rollback, exec or exit",
+    ]
 
 
 def test_enter_follows_replaced_process(ws, client, capsys):

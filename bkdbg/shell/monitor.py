@@ -38,7 +38,9 @@ PROMPT = "(bkdbg) "
 CATEGORY = "Debugging"
 # cmd2 commands that do not belong in a debugger prompt: they run programs or scripts on
 # this machine, which `exec` in the container and `bkdbg run-script` do instead
-HIDDEN_BUILTINS = ("shell", "edit", "run_pyscript", "run_script", "quit")
+HIDDEN_BUILTINS = (
+    "shell", "edit", "run_pyscript", "run_script", "quit", "alias", "macro", "set", "shortcuts",
+)
 UNKNOWN_COMMAND = "unknown command: type help to list the commands"
 
 _parse_errors = threading.local()
@@ -125,6 +127,8 @@ class Monitor(cmd2.Cmd):
         self.failed = False
         self.error_prefix = ""
         self.hidden_commands.extend(HIDDEN_BUILTINS)
+        # the cmd2 commands that remain are listed with bkdbg's own
+        cmd2.categorize((cmd2.Cmd.do_help, cmd2.Cmd.do_history), CATEGORY)
         self.cache = IdCache(self._server_ids, self._process_ids)
         self._watcher: EventWatcher | None = None
         self._idle = threading.Event()
@@ -221,7 +225,10 @@ class Monitor(cmd2.Cmd):
     @with_argparser(lambda: MonitorParser(description="End the debugging session."))
     @cmd2.with_category(CATEGORY)
     def do_exit(self, _args: argparse.Namespace) -> bool:
-        """End the session: stop the server, exit with the interactive process's status."""
+        """End the session: stop the server, exit with the interactive process's status.
+
+        The status is 0 while the current interactive process runs.
+        """
         current = self.ws.current
         status = current.last_exit if current else 0
         self.ws.leave(end_session=True)

@@ -53,6 +53,9 @@ def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
     current = ws.current
     instance_id = current.instance_id if current else "?"
     if outcome.end is AttachEnd.EXITED:
+        if outcome.message:
+            # the server's message gives the reason (released, command not found)
+            ws.say(f"bkdbg: error: process {outcome.process_id}: {outcome.message}")
         ws.say(exit_line(outcome))
         return None
     if ws.local.interactive:
@@ -70,7 +73,8 @@ def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
     if outcome.end is AttachEnd.CLOSED:
         ws.forget(instance_id)
         ws.say(closed_line(instance_id, outcome.message))
-        return 0
+        # 0 after a disconnect, as after a detach (the session goes on); 1 when the server ended
+        return 0 if outcome.message.startswith(DISCONNECTED_PREFIX) else 1
     ws.forget(instance_id)
     ws.say(f"bkdbg: error: {outcome.message}")
     return 1

@@ -166,7 +166,8 @@ class Workspace:
     def _started(self, current: Current, process_id: str, *, interactive: bool) -> None:
         self.expected.add("process-started", process_id)
         if interactive:
-            current.process_id = process_id
+            # `exit` gives this process's status, not the one of the process it replaced
+            current.process_id, current.last_exit = process_id, 0
 
     def rollback(self, init: bool) -> str:
         """Restart the interactive process; return its id."""
