@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -161,6 +162,24 @@ def test_pipes(context, env, root):
     assert result.stdout == "hello\n"
     assert result.returncode == 4
     assert "Traceback" not in result.stderr
+    assert wait_no_instances(root) == []
+
+
+def test_pipe_reader_gone_ends_session(context, env, root):
+    # the shell's `bkdbg ... | head -c 5`: bkdbg ends with the process, as `yes` would
+    bkdbg = subprocess.Popen(
+        [*BKDBG, "build", "--progress", "quiet", "--invoke", "yes", str(context)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert bkdbg.stdout is not None and bkdbg.stderr is not None
+    assert bkdbg.stdout.read(5) == b"y\ny\ny"
+    bkdbg.stdout.close()
+    assert bkdbg.wait(BUILD_TIMEOUT) == 128 + signal.SIGPIPE
+    assert bkdbg.stderr.read() == b""
+    bkdbg.stderr.close()
     assert wait_no_instances(root) == []
 
 

@@ -42,6 +42,7 @@ class AttachEnd(enum.Enum):
     DETACH = "detach"  # Ctrl-a d
     TAKEN_OVER = "taken-over"  # another client attached and took the input
     CLOSED = "closed"  # the server disconnected this client or is shutting down
+    OUTPUT_CLOSED = "output-closed"  # the reader of the local output went away
     LOST = "lost"  # the server stopped answering
 
 
@@ -168,7 +169,7 @@ def _follow(
         outcome.end, outcome.message = AttachEnd.LOST, str(exc)
     except BrokenPipeError:
         # the reader of our stdout went away (`bkdbg ... | head`): stop quietly
-        outcome.end, outcome.message = AttachEnd.CLOSED, "the local output was closed"
+        outcome.end, outcome.message = AttachEnd.OUTPUT_CLOSED, "the local output was closed"
     if pump is not None and pump.escape is not None:
         outcome.end = AttachEnd.MONITOR if pump.escape is Escape.MONITOR else AttachEnd.DETACH
         outcome.message = ""

@@ -7,6 +7,7 @@ monitor. On pipes it runs the process to its end and returns the process's statu
 from __future__ import annotations
 
 import shlex
+import signal
 
 from bkdbg.errors import BkdbgError
 from bkdbg.shell.attach import AttachEnd, AttachOutcome
@@ -14,6 +15,7 @@ from bkdbg.shell.workspace import Workspace
 
 NEXT_STEPS = "type reload, rollback, exec or exit"
 DISCONNECTED_PREFIX = "disconnected by client "  # the reason of `bkdbg disconnect`
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a writer without reader
 TAKEN_OVER_LINE = "another client took over this session; you are at the monitor prompt"
 
 
@@ -66,6 +68,10 @@ def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
         return None
     if outcome.end is AttachEnd.MONITOR:
         return None
+    if outcome.end is AttachEnd.OUTPUT_CLOSED:
+        # nobody reads the output any more: leave the session as a closed terminal would
+        ws.leave(end_session=False)
+        return EXIT_OUTPUT_CLOSED
     if outcome.end is AttachEnd.DETACH:
         ws.leave(end_session=False)
         ws.say(detach_hint(instance_id))
@@ -109,6 +115,11 @@ def run_piped(ws: Workspace, process_id: str) -> int:
             ws.say(f"bkdbg: error: process {outcome.process_id}: {outcome.message}")
         ws.leave(end_session=True)
         return outcome.code
+    if outcome.end is AttachEnd.OUTPUT_CLOSED:
+        # like a pipeline's writer whose reader is gone (`| head`): end quietly, with the
+        # process, and with a shell's status for SIGPIPE
+        ws.leave(end_session=True)
+        return EXIT_OUTPUT_CLOSED
     status = report(ws, outcome)
     if ws.current is not None:
         ws.leave(end_session=False)
