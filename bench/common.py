@@ -499,6 +499,9 @@ class PeakRssMonitor:
             usage = self.usage_by_pid.get(pid)
             if usage is None:
                 usage = self.usage_by_pid[pid] = ProcessUsage(pid, _process_label(pid))
+            elif usage.name == "bkdbg client":
+                # a server forked by the client is the client until it names itself
+                usage.name = _process_label(pid)
             usage.peak_kib = max(usage.peak_kib, hwm)
             usage.cpu_seconds = max(usage.cpu_seconds, _cpu_seconds(pid))
 
