@@ -68,8 +68,8 @@ def peer_allowed(sock: socket.socket, uid: int | None = None) -> bool:
 def admit(conn: socket.socket, uid: int, what: str) -> bool:
     """Return whether `conn`'s peer runs as `uid`.
 
-    A stranger's connection is logged as a rejected `what`. The caller closes it, after
-    counting it, so that the stranger sees the close only once the count is up to date.
+    A stranger's connection is logged as a rejected `what`. The caller counts it and then
+    closes it, so the count is current by the time the stranger's side reads EOF.
     """
     if peer_allowed(conn, uid):
         return True

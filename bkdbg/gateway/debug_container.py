@@ -439,7 +439,7 @@ def _numeric_user(user: str) -> bool:
 
 
 def _can_lead(config: ProcessConfig) -> bool:
-    """Whether a first process can be the init itself, wrapped in LEAD.
+    """Return whether a first process can be the init itself, wrapped in LEAD.
 
     It needs a tty: without one, the init would read EOF on its stdin once the command
     ended, and end the container. It must not name a user either, because BuildKit fails

@@ -12,7 +12,8 @@ client. Its bytes travel one of three ways, the cheapest one the connection allo
 * otherwise: `Control.Session` on the grpcio channel.
 
 Each transport sends what the session server queues in its outbox, in a thread of its
-own, until the outbox closes; `received()` yields what BuildKit sends until it ends.
+own, until the outbox closes. Its `received()` yields what BuildKit sends until the
+connection ends.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
     if outcome.end is AttachEnd.MONITOR:
         return None
     if outcome.end is AttachEnd.OUTPUT_CLOSED:
-        # nobody reads the output any more: leave the session as a closed terminal would
+        # the local output lost its reader: leave the session, as a closed terminal does
         ws.leave(end_session=False)
         return EXIT_OUTPUT_CLOSED
     if outcome.end is AttachEnd.DETACH:
