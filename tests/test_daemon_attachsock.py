@@ -29,10 +29,11 @@ from bkdbg.daemon.attachsock import (
     recv_frame,
     send_frame,
 )
-from bkdbg.daemon.client import DaemonClient, GrpcAttachStream
+from bkdbg.daemon.client import DaemonClient
 from bkdbg.daemon.instances import InstancePaths
 from bkdbg.daemon.main import run_in_process
 from bkdbg.daemon.messages import Closed, TakenOver
+from bkdbg.daemon.rpc import GrpcAttachStream
 from bkdbg.errors import NotAttached, ServerUnreachable
 from tests.test_daemon_session import Reader, finish, options, second_client
 from tests.test_daemon_support import FakeBackend
