@@ -6,6 +6,7 @@ in place of `python -m bkdbg __server`, started by the real launcher.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -246,12 +247,12 @@ def test_sigterm_cleans_up(server: DaemonClient, tmp_path: Path) -> None:
 
 
 def child_pids(pid: int) -> list[int]:
-    # each thread lists the children it forked
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
+    # each thread lists the children it forked; a thread may end while this reads
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            pids += [int(child) for child in (task / "children").read_text().split()]
+    return pids
 
 
 # ---------------------------------------------------------------- clients that die

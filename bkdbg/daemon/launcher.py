@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 LAUNCH_TIMEOUT = 10.0  # seconds until a new server must be serving
 MAX_FD = 65536  # a forked server closes the client's descriptors below this one
 THREAD_JOIN_TIMEOUT = 5.0  # seconds a forked server waits for its threads after serving
+UNKNOWN_STATUS = 255  # the exit status of a forked server whose status was lost
 LOG_TAIL_LINES = 3
 
 # bkdbg's global flags that take a value, and `build` flags that decide how its server starts
@@ -190,7 +191,7 @@ def start_server(paths: InstancePaths, debug: bool = False,
     try:
         with open_private(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND) as log:
             if fork and argv[1:2] == ["-m"]:
-                process = _fork_server(argv, log.fileno(), read_fd, write_fd, paths.instance_id)
+                process = _fork_server(argv, log.fileno(), write_fd, paths.instance_id)
             else:
                 process = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
@@ -230,8 +231,12 @@ class ForkedServer:
         threading.Thread(target=self._reap, name=f"reap-{pid}", daemon=True).start()
 
     def _reap(self) -> None:
-        _, status = os.waitpid(self.pid, 0)
-        self.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            # reaped elsewhere (SIGCHLD ignored, say): the status is lost
+            self.returncode = UNKNOWN_STATUS
         self._exited.set()
 
     def poll(self) -> int | None:
@@ -262,8 +267,7 @@ class ForkedServer:
 ServerProcess = subprocess.Popen[bytes] | ForkedServer
 
 
-def _fork_server(argv: list[str], log_fd: int, read_fd: int, write_fd: int,
-                 instance_id: str) -> ForkedServer:
+def _fork_server(argv: list[str], log_fd: int, write_fd: int, instance_id: str) -> ForkedServer:
     """Fork a server that runs `argv` (`python -m MODULE ARGS`) in this interpreter."""
     pid = os.fork()
     if pid:
