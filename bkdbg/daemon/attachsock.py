@@ -126,6 +126,7 @@ class AttachStream(abc.ABC):
     """
 
     attached: Attached
+    _closed: bool
 
     def send_stdin(self, data: bytes) -> None:
         if data:
@@ -144,8 +145,19 @@ class AttachStream(abc.ABC):
     @abc.abstractmethod
     def _send(self, request: pb.AttachInput) -> None: ...
 
+    def __iter__(self) -> Iterator[AttachMessage]:
+        while not self._closed:
+            message = self._next()
+            if message is None:
+                return
+            yield message
+            if isinstance(message, TERMINAL_MESSAGES):
+                self._after_final()
+                return
+
     @abc.abstractmethod
-    def __iter__(self) -> Iterator[AttachMessage]: ...
+    def _after_final(self) -> None:
+        """Release what the stream holds once the server's final message was read."""
 
     @abc.abstractmethod
     def close(self, timeout: float = 1.0) -> None:
@@ -208,14 +220,8 @@ class SocketAttachStream(AttachStream):
 
     # ------------------------------------------------------------ output
 
-    def __iter__(self) -> Iterator[AttachMessage]:
-        while not self._closed:
-            message = self._next()
-            if message is None:
-                return
-            yield message
-            if isinstance(message, TERMINAL_MESSAGES):
-                return
+    def _after_final(self) -> None:
+        pass  # _next closed the connection when it read the final message
 
     def _next(self) -> AttachMessage | None:
         if self._ended:

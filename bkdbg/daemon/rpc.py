@@ -23,7 +23,7 @@ from bkdbg.daemon import api_pb2 as pb
 from bkdbg.daemon.attachsock import AttachStream
 from bkdbg.daemon.convert import ERROR_KEY, attach_output_from_pb, event_from_pb
 from bkdbg.daemon.instances import InstancePaths
-from bkdbg.daemon.messages import ERROR_CLASSES, TERMINAL_MESSAGES, AttachMessage, ServerEvent
+from bkdbg.daemon.messages import ERROR_CLASSES, AttachMessage, ServerEvent
 from bkdbg.errors import BkdbgError, ServerError, ServerUnreachable, UsageError
 
 if TYPE_CHECKING:
@@ -92,15 +92,8 @@ class GrpcAttachStream(AttachStream):
         if not self._closed:
             self._requests.put(request)
 
-    def __iter__(self) -> Iterator[AttachMessage]:
-        while not self._closed:
-            message = self._next()
-            if message is None:
-                return
-            yield message
-            if isinstance(message, TERMINAL_MESSAGES):
-                self._end_requests()
-                return
+    def _after_final(self) -> None:
+        self._end_requests()
 
     def _next(self) -> AttachMessage | None:
         try:
