@@ -147,7 +147,7 @@ class DebugProcess:
     # ---------------------------------------------------------------- lead start
 
     def wait_reported(self, timeout: float) -> bool:
-        """Wait until a lead's wrapper reports; False if its init ended or timed out first."""
+        """Wait until a lead's wrapper reports; False if its init ended or `timeout` passed."""
         return self._pid_known.wait(timeout) and (
             self._child_pid is not None or self._status is not None
         )
@@ -209,7 +209,7 @@ class DebugProcess:
         self.command_not_found = kind == "notfound"
         self._pid_known.set()
         if self._lead:
-            self._end_pending = True  # after the output before the marker
+            self._end_pending = True  # _on_output ends it after delivering what preceded the marker
             return
         # BuildKit v0.13 reports the wrapper's Exit only after stdin EOF when there is no tty
         self.inner.close_stdin()
