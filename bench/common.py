@@ -342,14 +342,17 @@ class BkdbgRoot:
     the directory is removed.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, spare: bool = True) -> None:
         # a short path: socket paths under it must fit in AF_UNIX's 107 bytes
         self.path = Path(tempfile.mkdtemp(prefix="bkbench-", dir="/tmp"))
         self.engine = engine
+        self.spare = spare
 
     def env(self) -> dict[str, str]:
+        """Return the environment for bkdbg: this root, and spare servers on or off."""
         env = clean_environ()
         env["BKDBG_ROOT"] = str(self.path)
+        env["BKDBG_SPARE_SERVER"] = "10m" if self.spare else "off"
         return env
 
     def argv(self, *args: str) -> list[str]:
@@ -401,6 +404,10 @@ class BkdbgRoot:
 
     def close(self) -> None:
         self.stop_servers()
+        # stops the spare server too, which would otherwise exit only once it finds the
+        # root gone
+        subprocess.run(self.argv("kill", "--all"), env=self.env(), capture_output=True,
+                       timeout=30, check=False)
         shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> BkdbgRoot:

@@ -16,8 +16,11 @@ The reference is `BUILDX_EXPERIMENTAL=1 docker buildx debug --on always --invoke
 image to the engine's image store, which bkdbg does not do either without `-o` or `-t`.
 Each session is ended through the shell and the monitor (`exit`, then `exit` at the
 `(bkdbg) ` or `(buildx) ` prompt), and the benchmark checks that no bkdbg server remains.
+bkdbg runs as installed, so after the warm-up each of its sessions claims the spare server
+that the previous one started. `--spare off` measures cold starts instead.
 
     .venv/bin/python bench/invoke.py [--rounds N] [--keystrokes N] [--tool bkdbg|buildx]
+        [--spare on|off]
 """
 
 from __future__ import annotations
@@ -530,6 +533,13 @@ def main() -> int:
         default=DEFAULT_KEYSTROKES,
         help=f"echo round trips per session (default {DEFAULT_KEYSTROKES})",
     )
+    parser.add_argument(
+        "--spare",
+        choices=("on", "off"),
+        default="on",
+        help="bkdbg's spare server: on (the default, as installed), or off to start every "
+        "bkdbg session cold",
+    )
     args = parser.parse_args()
     engine = Engine(args.docker_host)
     print(f"machine: {machine_summary(require_engine(engine))}")
@@ -537,7 +547,7 @@ def main() -> int:
     warn_if_busy()
     results = {tool: ToolResults() for tool in selected_tools(args)}
     with tempfile.TemporaryDirectory(prefix="bkdbg-bench-invoke-") as scratch:
-        with BkdbgRoot(engine) as root:
+        with BkdbgRoot(engine, spare=args.spare == "on") as root:
             try:
                 contexts = prepare_contexts(Path(scratch), engine)
                 run_rounds(results, args.rounds, args.keystrokes, root, engine, contexts)
@@ -549,6 +559,7 @@ def main() -> int:
                     print(f"bkdbg list at the end: {root.sessions_listed() or '(empty)'}")
         # after the root is closed, so that no bkdbg server still uses the cached result
         prune_benchmark_cache(engine)
+    print(f"\nbkdbg's spare server: {args.spare}")
     report(results)
     print(f"load average at the end: {load_text()}")
     return 1 if any(result.failures for result in results.values()) else 0

@@ -9,6 +9,10 @@ if sys.argv[1:2] == ["__server"]:
     from bkdbg.daemon.main import serve_main
 
     sys.exit(serve_main(sys.argv[2:]))
+if sys.argv[1:2] == ["__spare"]:
+    from bkdbg.daemon.spare import spare_main
+
+    sys.exit(spare_main(sys.argv[2:]))
 
 from bkdbg.cli import main  # noqa: E402
 

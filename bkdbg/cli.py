@@ -9,6 +9,8 @@ exception is a bug and shows its traceback. Usage errors from argparse exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bkdbg import __version__
+from bkdbg.daemon.backend import FirstBuild, Terminal
 from bkdbg.daemon.launcher import StartingServer, start_early
 from bkdbg.errors import BkdbgError, ProcessExit, UsageError
 from bkdbg.options import parse_choice, parse_duration
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     # imported in functions: it pulls in grpc and the daemon client, about 65 ms, and
     # `bkdbg build` starts its server before that
     from bkdbg.daemon.client import DaemonClient
+    from bkdbg.options import BuildOptions
     from bkdbg.shell.workspace import Current, Launcher, Workspace
 
 logger = logging.getLogger(__name__)
@@ -143,7 +147,7 @@ def _server_commands(
         parents=[common],
         help="stop servers",
         description="Stop servers at once: release their containers, cancel their builds "
-        "and remove their directories.",
+        "and remove their directories. --all stops the spare server too.",
     )
     kill.add_argument("ids", metavar="ID", nargs="*", help="server ids (default: the only server)")
     kill.add_argument("--all", action="store_true", help="stop every server")
@@ -277,8 +281,7 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
 
     detach = parse_choice(args.detach, "--detach", ("true", "false")) == "true"
     idle_timeout = parse_duration(args.server_idle_timeout, "--server-idle-timeout")
-    options = build_options(args, tty=ws.local.interactive)
-    options.addr, options.tls = ws.addr, ws.tls
+    options = build_request(args, ws.local.interactive)
     ws.launcher = _launcher(ws, detach, idle_timeout, args.early_server)
 
     # no state to start a shell on (a failed COPY, say) still keeps the monitor on a
@@ -295,6 +298,33 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     if result.error:
         ws.say(f"bkdbg: error: {result.error}")
     return session.finish_without_process(ws, result.ok and not result.error)
+
+
+def build_request(args: argparse.Namespace, interactive: bool) -> BuildOptions:
+    """Return the options that `bkdbg build` with `args` sends to its server."""
+    options = build_options(args, tty=interactive)
+    options.addr, options.tls = args.addr, tls_config(args)
+    return options
+
+
+def first_build(argv: list[str], interactive: bool) -> FirstBuild | None:
+    """Return the build that `bkdbg ARGV` requests from the server it launches, if any.
+
+    A launched server calls this in the client's environment and working directory, so it
+    derives the options that the client sends. None for another command, a Dockerfile on
+    stdin, or bad flags (the client reports those).
+    """
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = build_parser().parse_args(_expand_bool_flags(argv))
+        if args.command != "build" or args.file == "-" or args.detach != "true":
+            return None
+        _check_address(args.addr)
+        _check_tls(args)
+        options = build_request(args, interactive)
+    except (BkdbgError, SystemExit):
+        return None
+    return FirstBuild(options.to_json(), Terminal(term=os.environ.get("TERM", "")))
 
 
 def _launcher(ws: Workspace, detach: bool, idle_timeout: float | None,
@@ -394,10 +424,13 @@ def _only_instance(ws: Workspace, verb: str) -> str:
 
 
 def _run_kill(args: argparse.Namespace, ws: Workspace) -> int:
+    from bkdbg.daemon.spare import stop_spare
     from bkdbg.shell import servers
 
     if args.all:
         ids = [row.instance_id for row in servers.instance_rows(ws)]
+        if (pid := stop_spare(ws.root)) is not None:
+            print(f"stopped the spare server (pid {pid})")
     else:
         ids = args.ids or [_only_instance(ws, "kill")]
     status = 0
@@ -484,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # a detached build starts its server first, so that the server starts up while this
     # client imports the shell and checks the command line
-    early = start_early(args_list)
+    early = start_early(args_list, first_build)
     try:
         return _run(args_list, early)
     finally:

@@ -1,7 +1,7 @@
 """Fixtures shared by all of bkdbg's tests.
 
-- Every test runs with HOME, the XDG base dirs and BKDBG_ROOT in fresh temporary dirs, and
-  with the address variables in CLEARED_ENV unset (`isolated_env`, autouse).
+- Every test runs with HOME, the XDG base dirs and BKDBG_ROOT in fresh temporary dirs, with
+  the address variables in CLEARED_ENV unset and spare servers off (`isolated_env`, autouse).
 - `buildkit_addr` is the address of the local BuildKit (scripts/local-buildkit.sh). Tests that
   use it are marked `integration` and are skipped when the engine does not respond, except
   under CI=true, where they fail.
@@ -68,6 +68,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Is
         monkeypatch.setenv(name, str(home / relative))
     for name in CLEARED_ENV:
         monkeypatch.delenv(name, raising=False)
+    # a spare server outlives the command that started it: tests/test_spare.py turns it on
+    monkeypatch.setenv("BKDBG_SPARE_SERVER", "off")
 
     # sockets live under these two, and AF_UNIX paths are limited to 107 bytes, so they
     # sit in a short dir under /tmp rather than under tmp_path

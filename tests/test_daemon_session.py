@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bkdbg.daemon.backend import Terminal
 from bkdbg.daemon.buffers import QUEUE_BYTES
 from bkdbg.daemon.client import AttachStream, DaemonClient, build_error
 from bkdbg.daemon.main import run_in_process
@@ -27,6 +28,7 @@ from bkdbg.daemon.messages import (
     Output,
     TakenOver,
 )
+from bkdbg.daemon.session import Session
 from bkdbg.errors import (
     BuildFailed,
     BuildkitUnreachable,
@@ -578,3 +580,40 @@ def test_build_goes_on_without_client(client: DaemonClient, context_dir: Path) -
         time.sleep(0.05)
     assert client.info().build_state == "built"
     assert client.info().current_process == "p1"
+
+
+# ---------------------------------------------------------------- the first build
+
+
+def owned_session(client: DaemonClient) -> Session:
+    """Return the session of the server that `client` runs in this process."""
+    server = client._server
+    assert server is not None
+    return server.session
+
+
+def test_first_build_taken_over(backend: FakeBackend, client: DaemonClient,
+                                context_dir: Path) -> None:
+    requested = options(context_dir, ["sh"])
+    session = owned_session(client)
+    session.start_first_build(requested.to_json(), Terminal(term="xterm"))
+    events = list(client.build(requested))
+    assert isinstance(events[0], BuildProgress)
+    done = events[-1]
+    assert isinstance(done, BuildDone)
+    assert done.ok
+    assert done.process_id
+    assert len(backend.builds) == 1
+
+
+def test_first_build_other_options(backend: FakeBackend, client: DaemonClient,
+                                   context_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    session = owned_session(client)
+    session.start_first_build(options(context_dir, ["sh"]).to_json(), Terminal())
+    done = finish(client.build(options(other, ["sh"])))
+    assert done.ok
+    assert len(backend.builds) == 2
+    assert client.info().context == str(other)
+    assert backend.open_containers == backend.builds[1].containers

@@ -32,6 +32,15 @@ class Terminal:
     cols: int = 0
 
 
+@dataclass(frozen=True)
+class FirstBuild:
+    """The build that a launching client's command line requests, which its server starts
+    before the client connects (see `Session.start_first_build`)."""
+
+    options_json: str
+    terminal: Terminal
+
+
 @dataclass
 class ProcessSpec:
     """A process to start in a container; `native` is the backend's own process config."""

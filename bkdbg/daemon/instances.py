@@ -11,6 +11,8 @@ Layout, all owned by the user who runs bkdbg::
         log               0600, the server's log (its stdout and stderr too)
         meta.json         context, started (Unix seconds), version, in_process
       ID.log              the log of a server that failed to start or ran with --debug
+      spare.sock          0600, the spare server's socket (see spare.py)
+      spare.log           0600, the spare server's log until a client claims it
       .removing-ID-*      an instance directory being removed
 
 Modes are set explicitly after creation, so a permissive umask never loosens them.

@@ -5,11 +5,13 @@ with cwd `/`, stdin from /dev/null and stdout/stderr appended to its log. It wri
 line to a pipe once its socket accepts connections; EOF on that pipe without the line
 means it died, and the error then names the log.
 
-A client that starts its server first thing (`start_early`) forks it instead: the child
-runs the same `serve_main` without a new interpreter, and has the modules the client had
-imported already. That makes the server ready about 40 ms sooner. Its command line is
-then the client's, so it names itself `bkdbg-ID` in /proc/PID/comm, which `pid_alive`
-accepts as well.
+A client that starts its server first thing (`start_early`) claims the spare server
+under its root if there is one (see spare.py), and otherwise forks: the child runs the
+same `serve_main` without a new interpreter, and has the modules the client had imported
+already. That makes the server ready about 40 ms sooner. Its command line is then the
+client's, so it names itself `bkdbg-ID` in /proc/PID/comm, which `pid_alive` accepts as
+well. Both derive the build from the client's arguments and start it at once, before the
+client connects.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
+from bkdbg.daemon import spare
 from bkdbg.daemon.instances import (
     InstancePaths,
     create_instance,
@@ -35,6 +40,9 @@ from bkdbg.daemon.instances import (
 from bkdbg.errors import BkdbgError, ServerError, UsageError
 from bkdbg.options import parse_duration
 
+if TYPE_CHECKING:
+    from bkdbg.daemon.backend import FirstBuild
+
 logger = logging.getLogger(__name__)
 
 LAUNCH_TIMEOUT = 10.0  # seconds until a new server must be serving
@@ -42,6 +50,19 @@ MAX_FD = 65536  # a forked server closes the client's descriptors below this one
 THREAD_JOIN_TIMEOUT = 5.0  # seconds a forked server waits for its threads after serving
 UNKNOWN_STATUS = 255  # the exit status of a forked server whose status was lost
 LOG_TAIL_LINES = 3
+SERVER_COMMAND = "__server"
+
+# returns the FirstBuild that bkdbg's arguments request, given whether stdin and stdout
+# are a terminal, or None
+BuildDeriver = Callable[[list[str], bool], "FirstBuild | None"]
+
+
+class Command(NamedTuple):
+    """The launching client's arguments, and the function that derives its build from them."""
+
+    argv: list[str]
+    derive: BuildDeriver
+
 
 # bkdbg's global flags that take a value, and `build` flags that decide how its server starts
 _EARLY_VALUE_FLAGS = (
@@ -53,13 +74,19 @@ _EARLY_VALUE_FLAGS = (
 def server_command(paths: InstancePaths, debug: bool, idle_timeout: float | None,
                    ready_fd: int) -> list[str]:
     """Return the command line of a server process for `paths`."""
-    argv = [sys.executable, "-m", "bkdbg", "__server", "--root", str(paths.root),
-            "--id", paths.instance_id, "--ready-fd", str(ready_fd)]
+    return [sys.executable, "-m", "bkdbg", SERVER_COMMAND,
+            *server_args(paths, debug, idle_timeout, ready_fd)]
+
+
+def server_args(paths: InstancePaths, debug: bool, idle_timeout: float | None,
+                ready_fd: int) -> list[str]:
+    """Return the arguments of `bkdbg __server` (and of `serve_main`) for `paths`."""
+    args = ["--root", str(paths.root), "--id", paths.instance_id, "--ready-fd", str(ready_fd)]
     if debug:
-        argv.append("--debug")
+        args.append("--debug")
     if idle_timeout:
-        argv += ["--idle-timeout", f"{idle_timeout:g}"]
-    return argv
+        args += ["--idle-timeout", f"{idle_timeout:g}"]
+    return args
 
 
 def spawn_server(paths: InstancePaths, debug: bool = False, idle_timeout: float | None = None,
@@ -121,9 +148,10 @@ class StartingServer:
             self._ready_fd = None
 
 
-def start_early(argv: list[str]) -> StartingServer | None:
+def start_early(argv: list[str], derive: BuildDeriver | None = None) -> StartingServer | None:
     """Start the server of a detached `bkdbg build` before the client parses `argv`.
 
+    `derive` returns the build that `argv` requests, for a server given `argv` to start.
     Returns None when `argv` is not such a build or the start fails, so that the client's
     ordinary launch runs and reports any error.
     """
@@ -136,8 +164,13 @@ def start_early(argv: list[str]) -> StartingServer | None:
     except (BkdbgError, OSError) as exc:
         logger.info("starting a server early failed: %s", exc)
         return None
+    if derive is not None and spare.spare_wait() is not None:
+        claimed = claim_spare(paths, argv, debug, idle_timeout)
+        if claimed is not None:
+            return claimed
     try:
-        return start_server(paths, debug, idle_timeout, fork=fork_is_safe())
+        command = Command(argv, derive) if derive is not None else None
+        return start_server(paths, debug, idle_timeout, fork=fork_is_safe(), command=command)
     except ServerError as exc:
         logger.info("starting a server early failed: %s", exc)
         remove_instance(paths)
@@ -178,12 +211,14 @@ def _scan_detached_build(argv: list[str]) -> tuple[str | None, bool, float | Non
 
 
 def start_server(paths: InstancePaths, debug: bool = False,
-                 idle_timeout: float | None = None, *, fork: bool = False) -> StartingServer:
+                 idle_timeout: float | None = None, *, fork: bool = False,
+                 command: Command | None = None) -> StartingServer:
     """Start the server process of `paths` without waiting for it to serve.
 
     With `fork`, the server is a fork of this process, which must have no other thread
     and must not have imported grpc (see `fork_is_safe`). The fork runs the module of
-    `server_command`'s `python -m MODULE ARGS` as `python -m` would.
+    `server_command`'s `python -m MODULE ARGS` as `python -m` would; given the client's
+    `command`, bkdbg's own server starts the build that it requests at once.
     """
     read_fd, write_fd = os.pipe()
     argv = server_command(paths, debug, idle_timeout, write_fd)
@@ -191,7 +226,7 @@ def start_server(paths: InstancePaths, debug: bool = False,
     try:
         with open_private(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND) as log:
             if fork and argv[1:2] == ["-m"]:
-                process = _fork_server(argv, log.fileno(), write_fd, paths.instance_id)
+                process = _fork_server(argv, log.fileno(), write_fd, paths.instance_id, command)
             else:
                 process = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
@@ -207,6 +242,35 @@ def start_server(paths: InstancePaths, debug: bool = False,
         os.close(write_fd)
     logger.info("started server %s as pid %d", paths.instance_id, process.pid)
     return StartingServer(paths, process, read_fd, debug, idle_timeout)
+
+
+def claim_spare(paths: InstancePaths, argv: list[str], debug: bool,
+                idle_timeout: float | None) -> StartingServer | None:
+    """Make the spare server under the root the server of `paths`; None if there is none.
+
+    The spare derives the build from `argv` in this process's environment, working
+    directory and umask, as a forked server would.
+    """
+    umask = os.umask(0o077)
+    os.umask(umask)
+    request = {
+        "fingerprint": spare.code_fingerprint(), "id": paths.instance_id, "debug": debug,
+        "idle_timeout": idle_timeout, "argv": argv, "cwd": os.getcwd(),
+        "environ": dict(os.environ), "umask": umask,
+        "interactive": os.isatty(0) and os.isatty(1),
+    }
+    claimed = spare.claim(paths.root, request)
+    if claimed is None:
+        return None
+    sock, pid = claimed
+    try:
+        process = ClaimedSpare(pid)
+    except OSError as exc:
+        logger.info("the spare server %d is gone: %s", pid, exc)
+        sock.close()
+        return None
+    logger.info("claimed the spare server %d for %s", pid, paths.instance_id)
+    return StartingServer(paths, process, sock.detach(), debug, idle_timeout)
 
 
 def fork_is_safe() -> bool:
@@ -264,16 +328,51 @@ class ForkedServer:
                 pass  # reaped just now
 
 
-ServerProcess = subprocess.Popen[bytes] | ForkedServer
+class ClaimedSpare:
+    """A spare server that became this client's server: not a child, so watched by pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._pidfd], [], [], 0)[0]:
+            self.returncode = UNKNOWN_STATUS  # only a parent learns the status
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit; raise TimeoutExpired after `timeout` s."""
+        if self.returncode is None and not select.select([self._pidfd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(["bkdbg", "__spare"], timeout or 0)
+        self.returncode = UNKNOWN_STATUS
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, signum)
+        except ProcessLookupError:
+            pass  # exited already
 
 
-def _fork_server(argv: list[str], log_fd: int, write_fd: int, instance_id: str) -> ForkedServer:
+ServerProcess = subprocess.Popen[bytes] | ForkedServer | ClaimedSpare
+
+
+def _fork_server(argv: list[str], log_fd: int, write_fd: int, instance_id: str,
+                 command: Command | None) -> ForkedServer:
     """Fork a server that runs `argv` (`python -m MODULE ARGS`) in this interpreter."""
     pid = os.fork()
     if pid:
         return ForkedServer(pid)
     status = 1
     try:
+        interactive = os.isatty(0) and os.isatty(1)  # as the client sees it, before dup2
         os.setsid()
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
@@ -281,8 +380,11 @@ def _fork_server(argv: list[str], log_fd: int, write_fd: int, instance_id: str) 
         os.dup2(log_fd, 2)
         os.closerange(3, write_fd)
         os.closerange(write_fd + 1, MAX_FD)
-        _name_process(f"bkdbg-{instance_id}")
-        status = _run_module(argv[2], argv[3:])
+        name_process(f"bkdbg-{instance_id}")
+        if argv[2:4] == ["bkdbg", SERVER_COMMAND]:
+            status = _serve(argv[4:], command, interactive)
+        else:
+            status = _run_module(argv[2], argv[3:])  # a test's server_command
         _join_other_threads()
     except BaseException:
         traceback.print_exc()
@@ -293,6 +395,16 @@ def _fork_server(argv: list[str], log_fd: int, write_fd: int, instance_id: str) 
         os._exit(status)
 
 
+def _serve(args: list[str], command: Command | None, interactive: bool) -> int:
+    from bkdbg.daemon.main import serve_main
+
+    build = command.derive(command.argv, interactive) if command is not None else None
+    try:
+        return serve_main(args, first_build=build)
+    except SystemExit as exc:
+        return _exit_status(exc)
+
+
 def _run_module(module: str, args: list[str]) -> int:
     import runpy
 
@@ -300,14 +412,19 @@ def _run_module(module: str, args: list[str]) -> int:
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(exc.code, file=sys.stderr)
-        return 1
+        return _exit_status(exc)
     return 0
 
 
-def _name_process(name: str) -> None:
+def _exit_status(exc: SystemExit) -> int:
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def name_process(name: str) -> None:
+    """Set this process's name in /proc/PID/comm (at most 15 bytes are kept)."""
     try:
         with open("/proc/self/comm", "w", encoding="ascii") as comm:
             comm.write(name)
@@ -350,7 +467,7 @@ def _wait_ready(read_fd: int, process: ServerProcess, paths: InstancePaths,
 def _died_error(process: ServerProcess, paths: InstancePaths) -> ServerError:
     try:
         status = process.wait(timeout=2)
-        how = f"exited with status {status}"
+        how = "exited" if status == UNKNOWN_STATUS else f"exited with status {status}"
     except subprocess.TimeoutExpired:
         how = "closed its ready pipe"
     return ServerError(

@@ -3,7 +3,9 @@
 `bkdbg build` starts `python -m bkdbg __server --root ROOT --id ID --ready-fd N` in a new
 session with cwd `/`, stdin closed and output to the instance log (see `launcher.py`).
 The server writes one line to fd N once it accepts connections, so the client does not
-poll for the socket. `--detach=false` runs the same `Server` in the client's process.
+poll for the socket. A server forked from its client, or a claimed spare, gets the
+client's build as well and starts it before it serves. `--detach=false` runs the same
+`Server` in the client's process.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import logging
 import os
 import select
 import signal
+import subprocess
 import threading
 from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
-from bkdbg.daemon.backend import Backend, BuildHandle, ProgressSink
+from bkdbg.daemon.backend import Backend, BuildHandle, FirstBuild, ProgressSink
 from bkdbg.daemon.instances import (
     InstancePaths,
     create_instance,
@@ -28,11 +31,13 @@ from bkdbg.daemon.instances import (
     resolve_root,
 )
 from bkdbg.daemon.server import Server
+from bkdbg.daemon.spare import spare_wait, start_spare
 from bkdbg.errors import BkdbgError, ServerError
 from bkdbg.heap import tune_malloc
 
 if TYPE_CHECKING:
     from bkdbg.daemon.client import DaemonClient
+    from bkdbg.daemon.session import BuildRun
     from bkdbg.options import BuildOptions
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,8 @@ def _import_gateway() -> None:
     import bkdbg.daemon.gateway_backend  # noqa: F401
 
 
-def serve_main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
+def serve_main(argv: list[str] | None = None, backend: Backend | None = None,
+               first_build: FirstBuild | None = None) -> int:
     """Run a server until a stop request; returns the process exit status."""
     args = _parser().parse_args(argv)
     if not is_instance_id(args.id):
@@ -73,21 +79,50 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None) ->
     paths = _instance_paths(args.root, args.id)
     log_file = configure_logging(paths, args.debug)
     os.chdir("/")
+    if first_build is not None and backend is None:
+        # the build waits for these imports, the client's Hello does not
+        from bkdbg.daemon.gateway_backend import GatewayBackend
+
+        backend = GatewayBackend()
     server = Server(paths, backend or default_backend(), args.idle_timeout, keep_log=args.debug)
     _install_signal_handlers(server)
+    first_run = None
+    if first_build is not None:
+        first_run = server.session.start_first_build(first_build.options_json,
+                                                     first_build.terminal)
     try:
         server.start()
     except (BkdbgError, OSError):
         logger.exception("server %s could not start", args.id)
+        server.session.close()
         return 1
     _notify_ready(args.ready_fd)
     tune_malloc()
+    wait = spare_wait()
+    if first_run is not None and wait is not None:
+        threading.Thread(target=_start_spare_after, args=(first_run, server, wait),
+                         name="start-spare", daemon=True).start()
     if isinstance(server.session.backend, _DeferredGatewayBackend):
         threading.Thread(target=_import_gateway, name="import-gateway", daemon=True).start()
     _wait_stopped(server)
     logger.info("exiting: %s", server.stop_reason)
     log_file.flush()
     return 0
+
+
+def _start_spare_after(run: BuildRun, server: Server, wait: float) -> None:
+    """Start a spare server for the next `bkdbg build` once this first build is done.
+
+    It starts at once, because a session through pipes may end right after its build. A
+    server that is stopping (`bkdbg kill`, a signal) starts none.
+    """
+    run.finished.wait()
+    if server.stop_requested:
+        return
+    try:
+        start_spare(server.paths.root, wait)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("cannot start a spare server: %s", exc)
 
 
 def _parser() -> argparse.ArgumentParser:

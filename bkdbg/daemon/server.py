@@ -115,6 +115,10 @@ class Server:
             logger.info("stopping: %s", reason)
             self._stop_requested.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 

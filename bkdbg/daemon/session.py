@@ -121,13 +121,22 @@ class Session:
         self._processes: dict[str, ManagedProcess] = {}
         self._current = ""
         self._process_ids = itertools.count(1)
+        self._first_run: BuildRun | None = None  # started by start_first_build, not yet taken
 
     # ------------------------------------------------------------ builds
 
     def start_build(self, options_json: str, terminal: Terminal) -> BuildRun:
+        """Start the build that a client requests, or hand it the first build if they match."""
         options = parse_options(options_json)
         with self._op_lock:
             self._check_open()
+            first, self._first_run = self._first_run, None
+            if first is not None and options_json == self.options_json:
+                logger.info("build of %s: the client takes over the build started for it",
+                            options.context)
+                return first
+            if first is not None:
+                self._drop_first_build(options_json)
             if self.build_state != IDLE:
                 raise ServerError(
                     f"bkdbg server {self.instance_id} already has a build: "
@@ -138,6 +147,26 @@ class Session:
             if self.note_context is not None:
                 self.note_context(options.context)
             return self._start_run(options, terminal)
+
+    def start_first_build(self, options_json: str, terminal: Terminal) -> BuildRun:
+        """Start the build of the launching client's command line before the server serves.
+
+        The client's Build request with the same options then streams this build,
+        progress from its start included, instead of starting another one.
+        """
+        # no lock needed: the server does not serve yet, so no request can take it meanwhile
+        self._first_run = self.start_build(options_json, terminal)
+        return self._first_run
+
+    def _drop_first_build(self, requested_json: str) -> None:
+        # a bug, since client and server derive both from the same command line: give the
+        # client what it requests rather than a build it did not ask for
+        logger.warning("the client requests other build options than its command line "
+                       "gave: %s instead of %s", requested_json, self.options_json)
+        self._cancel_build(self._build)
+        self._end_build("container released: the client requested another build")
+        with self._lock:
+            self.build_state = IDLE
 
     def reload(self, terminal: Terminal) -> BuildRun:
         with self._op_lock:
