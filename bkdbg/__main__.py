@@ -10,7 +10,7 @@ if sys.argv[1:2] == ["__server"]:
 
     sys.exit(serve_main(sys.argv[2:]))
 if sys.argv[1:2] == ["__spare"]:
-    from bkdbg.daemon.spare import spare_main
+    from bkdbg.daemon.spareserver import spare_main
 
     sys.exit(spare_main(sys.argv[2:]))
 

@@ -4,6 +4,7 @@ that run the fake backend (`tests.test_daemon_support`) instead of BuildKit.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bkdbg import cli
+from bkdbg import cli, commands
 from bkdbg.daemon import launcher
 from bkdbg.errors import ServerError
 from tests.test_daemon_support import REPO_ROOT, fake_server_command
@@ -284,7 +285,7 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
     def interrupted(args, ws):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_run_list", interrupted)
+    monkeypatch.setattr(commands, "_run_list", interrupted)
     assert cli.main(["list"]) == 130
 
 
@@ -292,7 +293,7 @@ def test_bug_is_not_hidden(monkeypatch):
     def broken(args, ws):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "_run_list", broken)
+    monkeypatch.setattr(commands, "_run_list", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["list"])
 
@@ -305,7 +306,7 @@ def test_server_command_hidden(capsys):
 
 def test_logs_never_reach_the_terminal(capsys, root):
     run_main(["--debug", "attach", "deadbeef"], capsys)
-    cli.logging.getLogger("bkdbg.test").warning("a log record")
+    logging.getLogger("bkdbg.test").warning("a log record")
     assert "a log record" not in capsys.readouterr().err
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bkdbg.daemon import instances
+from bkdbg.daemon import rootdir
 from bkdbg.daemon.instances import (
     MAX_SOCKET_PATH,
     InstancePaths,
@@ -62,7 +62,7 @@ def test_root_default_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_root_default_data_dir_without_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent/run")
-    monkeypatch.setattr(instances, "_usable_runtime_dir", lambda: None)
+    monkeypatch.setattr(rootdir, "_usable_runtime_dir", lambda: None)
     home = Path(os.environ["XDG_DATA_HOME"])
     assert resolve_root(None, {}) == home / "bkdbg"
 

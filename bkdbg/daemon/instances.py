@@ -25,24 +25,23 @@ import logging
 import os
 import re
 import select
-import stat
 import time
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# re-exported: callers resolve the root through this module
+from bkdbg.daemon.rootdir import APP_NAME as APP_NAME
+from bkdbg.daemon.rootdir import ROOT_ENV as ROOT_ENV
+from bkdbg.daemon.rootdir import default_root as default_root
+from bkdbg.daemon.rootdir import resolve_root as resolve_root
 from bkdbg.errors import UsageError
 
-# platformdirs, shutil and tempfile are imported where they are used. `bkdbg build`
-# imports this module before it starts its server, and needs platformdirs then only
-# without --root and BKDBG_ROOT. A server always gets --root.
+# shutil and tempfile are imported where they are used: `bkdbg build` imports this module
+# before it starts its server.
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "bkdbg"
-ROOT_ENV = "BKDBG_ROOT"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 # sun_path in struct sockaddr_un is 108 bytes on Linux, one of them the terminating NUL
@@ -99,48 +98,6 @@ class InstanceRecord:
     @property
     def instance_id(self) -> str:
         return self.paths.instance_id
-
-
-def resolve_root(explicit: str | os.PathLike[str] | None = None,
-                 environ: Mapping[str, str] | None = None) -> Path:
-    """Return the root directory: `explicit` (--root), else $BKDBG_ROOT, else the default."""
-    env = os.environ if environ is None else environ
-    if explicit:
-        return Path(explicit).expanduser().absolute()
-    if env.get(ROOT_ENV):
-        return Path(env[ROOT_ENV]).expanduser().absolute()
-    return default_root()
-
-
-def default_root() -> Path:
-    """Return platformdirs' user runtime dir when it is usable, else the user data dir."""
-    import platformdirs
-
-    runtime = _usable_runtime_dir()
-    if runtime is not None:
-        return runtime
-    return Path(platformdirs.user_data_dir(APP_NAME))
-
-
-def _usable_runtime_dir() -> Path | None:
-    import platformdirs
-
-    # platformdirs warns and falls back to a temp dir when XDG_RUNTIME_DIR is missing or
-    # unsafe. So a base dir counts only when it already exists, is ours and is writable.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            path = Path(platformdirs.user_runtime_dir(APP_NAME))
-        except OSError:
-            return None
-    base = path.parent
-    try:
-        info = base.stat()
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        return None
-    return path if os.access(base, os.W_OK | os.X_OK) else None
 
 
 def new_instance_id() -> str:

@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from bkdbg.daemon import spare
+from bkdbg.daemon.early import EarlyClaim, scan_detached_build
 from bkdbg.daemon.instances import (
     InstancePaths,
     create_instance,
@@ -37,8 +37,7 @@ from bkdbg.daemon.instances import (
     remove_keeping_log,
     resolve_root,
 )
-from bkdbg.errors import BkdbgError, ServerError, UsageError
-from bkdbg.options import parse_duration
+from bkdbg.errors import BkdbgError, ServerError
 
 if TYPE_CHECKING:
     from bkdbg.daemon.backend import FirstBuild
@@ -62,13 +61,6 @@ class Command(NamedTuple):
 
     argv: list[str]
     derive: BuildDeriver
-
-
-# bkdbg's global flags that take a value, and `build` flags that decide how its server starts
-_EARLY_VALUE_FLAGS = (
-    "--addr", "--tlscacert", "--tlscert", "--tlskey", "--tlsservername", "--root",
-    "--server-idle-timeout",
-)
 
 
 def server_command(paths: InstancePaths, debug: bool, idle_timeout: float | None,
@@ -148,66 +140,48 @@ class StartingServer:
             self._ready_fd = None
 
 
-def start_early(argv: list[str], derive: BuildDeriver | None = None) -> StartingServer | None:
+def start_early(argv: list[str], derive: BuildDeriver | None = None,
+                claimed: EarlyClaim | None = None) -> StartingServer | None:
     """Start the server of a detached `bkdbg build` before the client parses `argv`.
 
-    `derive` returns the build that `argv` requests, for a server given `argv` to start.
-    Returns None when `argv` is not such a build or the start fails, so that the client's
-    ordinary launch runs and reports any error.
+    That server is the spare `claimed` already, when there is one. Otherwise it is a
+    fork, to which `derive` gives the build that `argv` requests, so that the server
+    starts it at once. Returns None when `argv` is not such a build or the start fails,
+    so that the client's ordinary launch runs and reports any error.
     """
-    flags = _scan_detached_build(argv)
+    if claimed is not None and (starting := _adopt_claim(claimed)) is not None:
+        return starting
+    flags = scan_detached_build(argv)
     if flags is None:
         return None
-    root, debug, idle_timeout = flags
     try:
-        paths = create_instance(resolve_root(root))
+        paths = create_instance(resolve_root(flags.root))
     except (BkdbgError, OSError) as exc:
         logger.info("starting a server early failed: %s", exc)
         return None
-    if derive is not None and spare.spare_wait() is not None:
-        claimed = claim_spare(paths, argv, debug, idle_timeout)
-        if claimed is not None:
-            return claimed
+    command = Command(argv, derive) if derive is not None else None
     try:
-        command = Command(argv, derive) if derive is not None else None
-        return start_server(paths, debug, idle_timeout, fork=fork_is_safe(), command=command)
+        return start_server(paths, flags.debug, flags.idle_timeout, fork=fork_is_safe(),
+                            command=command)
     except ServerError as exc:
         logger.info("starting a server early failed: %s", exc)
         remove_instance(paths)
         return None
 
 
-def _scan_detached_build(argv: list[str]) -> tuple[str | None, bool, float | None] | None:
-    """Return --root, --debug and the idle timeout if `argv` looks like a detached build.
-
-    A cheap guess made before argparse runs: when it is wrong, the client abandons the
-    server started from it.
-    """
-    command, root, debug, idle = None, None, False, ""
-    index = 0
-    while index < len(argv):
-        word = argv[index]
-        index += 1
-        name, has_value, value = word.partition("=")
-        if word in ("-h", "--help", "--version") or (name == "--detach" and value == "false"):
-            return None
-        if word == "--detach" and argv[index:index + 1] == ["false"]:
-            return None
-        if name in _EARLY_VALUE_FLAGS and not has_value:
-            value, index = (argv[index] if index < len(argv) else ""), index + 1
-        if name == "--root":
-            root = value
-        elif name == "--server-idle-timeout":
-            idle = value
-        debug = debug or word == "--debug"
-        if command is None and not word.startswith("-"):
-            command = word
-    if command != "build":
-        return None
+def _adopt_claim(claimed: EarlyClaim) -> StartingServer | None:
+    paths = InstancePaths(claimed.root, claimed.claimed.instance_id)
     try:
-        return root, debug, parse_duration(idle, "--server-idle-timeout")
-    except UsageError:
+        process = ClaimedSpare(claimed.claimed.pid)
+    except OSError as exc:
+        logger.info("the claimed spare server %d is gone: %s", claimed.claimed.pid, exc)
+        claimed.claimed.sock.close()
+        remove_instance(paths)
         return None
+    logger.info("claimed the spare server %d for %s", process.pid, paths.instance_id)
+    flags = claimed.flags
+    return StartingServer(paths, process, claimed.claimed.sock.detach(), flags.debug,
+                          flags.idle_timeout)
 
 
 def start_server(paths: InstancePaths, debug: bool = False,
@@ -242,35 +216,6 @@ def start_server(paths: InstancePaths, debug: bool = False,
         os.close(write_fd)
     logger.info("started server %s as pid %d", paths.instance_id, process.pid)
     return StartingServer(paths, process, read_fd, debug, idle_timeout)
-
-
-def claim_spare(paths: InstancePaths, argv: list[str], debug: bool,
-                idle_timeout: float | None) -> StartingServer | None:
-    """Make the spare server under the root the server of `paths`; None if there is none.
-
-    The spare derives the build from `argv` in this process's environment, working
-    directory and umask, as a forked server would.
-    """
-    umask = os.umask(0o077)
-    os.umask(umask)
-    request = {
-        "fingerprint": spare.code_fingerprint(), "id": paths.instance_id, "debug": debug,
-        "idle_timeout": idle_timeout, "argv": argv, "cwd": os.getcwd(),
-        "environ": dict(os.environ), "umask": umask,
-        "interactive": os.isatty(0) and os.isatty(1),
-    }
-    claimed = spare.claim(paths.root, request)
-    if claimed is None:
-        return None
-    sock, pid = claimed
-    try:
-        process = ClaimedSpare(pid)
-    except OSError as exc:
-        logger.info("the spare server %d is gone: %s", pid, exc)
-        sock.close()
-        return None
-    logger.info("claimed the spare server %d for %s", pid, paths.instance_id)
-    return StartingServer(paths, process, sock.detach(), debug, idle_timeout)
 
 
 def fork_is_safe() -> bool:

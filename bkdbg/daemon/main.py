@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 READY_LINE = b"ready\n"
+SPARE_DELAY = 2.0  # seconds after the first build before a server starts a spare
+SPARE_JOIN_TIMEOUT = 5.0  # seconds a stopping server waits for the spare it starts
 LOG_FORMAT = "%(asctime)s {id} pid=%(process)d [%(threadName)s] %(levelname)s %(name)s: %(message)s"
 
 
@@ -99,25 +101,31 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None,
     _notify_ready(args.ready_fd)
     tune_malloc()
     wait = spare_wait()
+    spare_thread = None
     if first_run is not None and wait is not None:
-        threading.Thread(target=_start_spare_after, args=(first_run, server, wait),
-                         name="start-spare", daemon=True).start()
+        spare_thread = threading.Thread(target=_start_spare_after,
+                                        args=(first_run, server, wait), name="start-spare",
+                                        daemon=True)
+        spare_thread.start()
     if isinstance(server.session.backend, _DeferredGatewayBackend):
         threading.Thread(target=_import_gateway, name="import-gateway", daemon=True).start()
     _wait_stopped(server)
+    if spare_thread is not None:
+        spare_thread.join(SPARE_JOIN_TIMEOUT)
     logger.info("exiting: %s", server.stop_reason)
     log_file.flush()
     return 0
 
 
 def _start_spare_after(run: BuildRun, server: Server, wait: float) -> None:
-    """Start a spare server for the next `bkdbg build` once this first build is done.
+    """Start a spare server for the next `bkdbg build` after this server's first build.
 
-    It starts at once, because a session through pipes may end right after its build. A
-    server that is stopping (`bkdbg kill`, a signal) starts none.
+    SPARE_DELAY after the build, so that its imports do not take CPU from the first
+    output, or sooner when the session ends. Not when the server is stopped otherwise
+    (`bkdbg kill`, a signal).
     """
     run.finished.wait()
-    if server.stop_requested:
+    if server.wait_stop_requested(SPARE_DELAY) and not server.session.ended_by_client:
         return
     try:
         start_spare(server.paths.root, wait)

@@ -115,9 +115,9 @@ class Server:
             logger.info("stopping: %s", reason)
             self._stop_requested.set()
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_requested.is_set()
+    def wait_stop_requested(self, timeout: float | None = None) -> bool:
+        """Wait until a stop is requested; return False after `timeout` s without one."""
+        return self._stop_requested.wait(timeout)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)

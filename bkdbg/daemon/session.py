@@ -122,6 +122,7 @@ class Session:
         self._current = ""
         self._process_ids = itertools.count(1)
         self._first_run: BuildRun | None = None  # started by start_first_build, not yet taken
+        self.ended_by_client = False  # a Goodbye ended the session, not kill or a signal
 
     # ------------------------------------------------------------ builds
 
@@ -445,6 +446,7 @@ class Session:
             logger.info("client %s ended the session, but clients %s remain: not stopping",
                         client_id, ", ".join(r.id for r in others))
             return False
+        self.ended_by_client = True
         self.request_stop(f"client {client_id} ended the session")
         return True
 
