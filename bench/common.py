@@ -468,9 +468,9 @@ class PeakRssMonitor:
 
     The tree is the process `root_pid`, every process whose command line contains `marker`,
     and their descendants. A bkdbg client starts its server in a new session, and the
-    server outlives the client. An exec'd server is found by the `--root` in its command
-    line. A server forked by its client is the client's child until the client exits,
-    and is sampled from then on.
+    server outlives the client. An exec'd server and a spare server are found by the
+    `--root` in their command lines. A server forked by its client is the client's child
+    until the client exits, and is sampled from then on.
     VmHWM is the kernel's high-water mark of each process, so sampling every `interval`
     seconds misses only growth within the last interval before a process exits.
     """
@@ -506,8 +506,9 @@ class PeakRssMonitor:
             usage = self.usage_by_pid.get(pid)
             if usage is None:
                 usage = self.usage_by_pid[pid] = ProcessUsage(pid, _process_label(pid))
-            elif usage.name == "bkdbg client":
-                # a server forked by the client is the client until it names itself
+            elif usage.name in ("bkdbg client", "bkdbg spare"):
+                # a server forked by the client is the client until it names itself, and
+                # a claimed spare is the spare
                 usage.name = _process_label(pid)
             usage.peak_kib = max(usage.peak_kib, hwm)
             usage.cpu_seconds = max(usage.cpu_seconds, _cpu_seconds(pid))
@@ -574,8 +575,11 @@ def _cpu_seconds(pid: int) -> float:
 def _process_label(pid: int) -> str:
     args = [arg.decode(errors="replace") for arg in _cmdline(pid).split(b"\0") if arg]
     if "__server" in args or _process_name(pid).startswith("bkdbg-"):
-        # a server forked by its client keeps the client's command line, named bkdbg-ID
+        # a server forked by its client keeps the client's command line, and a claimed
+        # spare its own, but both name themselves bkdbg-ID
         return "bkdbg server"
+    if "__spare" in args:
+        return "bkdbg spare"
     if not args:
         return "?"
     name = Path(args[0]).name

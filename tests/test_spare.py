@@ -17,14 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from bkdbg.daemon.early import SPARE_ENV, claim, socket_path
 from bkdbg.daemon.instances import create_instance, pid_alive
 from bkdbg.daemon.spare import (
     CHECK_INTERVAL,
     DEFAULT_WAIT,
-    SPARE_ENV,
-    claim,
     ping,
-    socket_path,
     spare_wait,
     start_spare,
     stop_spare,

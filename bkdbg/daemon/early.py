@@ -2,18 +2,32 @@
 
 `scan_detached_build` guesses from the arguments whether they run a detached build, and
 `claim_early` then claims the spare server under the root (see spare.py). The spare's
-work on the build starts about 30 ms sooner than after the client's own imports (2-CPU
-VM of docs/benchmarks.md).
+work on the build starts about 30 ms sooner than after the client's own imports, and
+typing, logging and dataclasses would cost about 10 ms more here (2-CPU VM of
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
+from bkdbg import __version__
 from bkdbg.daemon.rootdir import resolve_root
-from bkdbg.daemon.spare import Claimed, claim, code_fingerprint, socket_path, spare_wait
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+SPARE_ENV = "BKDBG_SPARE_SERVER"  # off, or how long a spare waits for a claim (e.g. 10m)
+SPARE_OFF = ("off", "false", "no", "0")
+SOCKET_NAME = "spare.sock"
+CLAIM_TIMEOUT = 2.0  # seconds for either side to send its line of a claim
+MAX_LINE = 1 << 20
 
 # bkdbg's global flags that take a value, and `build` flags that decide how its server starts
 _EARLY_VALUE_FLAGS = (
@@ -22,20 +36,38 @@ _EARLY_VALUE_FLAGS = (
 )
 
 
-class EarlyFlags(NamedTuple):
+class EarlyFlags:
     """The flags of a detached build that decide how its server starts."""
 
-    root: str | None
-    debug: bool
-    idle_timeout: float | None
+    def __init__(self, root: str | None, debug: bool, idle_timeout: float | None) -> None:
+        self.root = root
+        self.debug = debug
+        self.idle_timeout = idle_timeout
 
 
-class EarlyClaim(NamedTuple):
+class Claimed:
+    """A spare that accepted a claim: the connection that will carry `ready`, and the
+    spare's pid and the instance it created."""
+
+    def __init__(self, sock: socket.socket, pid: int, instance_id: str) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.instance_id = instance_id
+
+
+class EarlyClaim:
     """A spare claimed for a detached build, with the root and flags it was claimed for."""
 
-    root: Path
-    flags: EarlyFlags
-    claimed: Claimed
+    def __init__(self, root: Path, flags: EarlyFlags, claimed: Claimed) -> None:
+        self.root = root
+        self.flags = flags
+        self.claimed = claimed
+
+
+def spares_off(environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether SPARE_ENV turns spare servers off."""
+    value = (os.environ if environ is None else environ).get(SPARE_ENV, "")
+    return value.strip().lower() in SPARE_OFF
 
 
 def scan_detached_build(argv: list[str]) -> EarlyFlags | None:
@@ -87,7 +119,7 @@ def claim_early(argv: list[str]) -> EarlyClaim | None:
     directory and umask, as a server forked from this process would.
     """
     flags = scan_detached_build(argv)
-    if flags is None or spare_wait() is None:
+    if flags is None or spares_off():
         return None
     try:
         root = resolve_root(flags.root)
@@ -110,3 +142,57 @@ def _umask() -> int:
     umask = os.umask(0o077)
     os.umask(umask)
     return umask
+
+
+def code_fingerprint() -> str:
+    """Return what identifies this bkdbg's code: version, interpreter, venv, and source mtimes."""
+    package = Path(__file__).resolve().parent.parent
+    newest = 0
+    pending = [str(package)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False) and entry.name != "__pycache__":
+                    pending.append(entry.path)
+                elif entry.name.endswith(".py"):
+                    newest = max(newest, entry.stat().st_mtime_ns)
+    # realpath, because `python` and `python3` of one venv are one interpreter; sys.prefix
+    # tells venvs apart
+    return f"{__version__} {os.path.realpath(sys.executable)} {sys.prefix} {package} {newest}"
+
+
+def socket_path(root: Path) -> Path:
+    return root / SOCKET_NAME
+
+
+def claim(root: Path, request: dict[str, Any]) -> Claimed | None:
+    """Claim the spare under `root`; None when there is none or it did not accept.
+
+    The caller then starts a server itself.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CLAIM_TIMEOUT)
+        sock.connect(str(socket_path(root)))
+        sock.sendall(json.dumps({"claim": request}).encode() + b"\n")
+        reply = read_line(sock).decode(errors="replace").split()
+    except OSError:
+        sock.close()
+        return None  # no spare, or one that went away: the client starts a server itself
+    if len(reply) != 3 or reply[0] != "pid" or not reply[1].isdigit():
+        sock.close()
+        return None  # "stale" or "failed": the spare logs why
+    sock.settimeout(None)
+    return Claimed(sock, int(reply[1]), reply[2])
+
+
+def read_line(sock: socket.socket) -> bytes:
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the end of the line")
+        received += chunk
+        if len(received) > MAX_LINE:
+            raise ConnectionError("line too long")
+    return received.rstrip(b"\n")

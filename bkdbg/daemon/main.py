@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 READY_LINE = b"ready\n"
+FIRST_BUILD_HEAD_START = 0.1  # max seconds that serving waits for the first build to connect
 SPARE_DELAY = 2.0  # seconds after the first build before a server starts a spare
 SPARE_JOIN_TIMEOUT = 5.0  # seconds a stopping server waits for the spare it starts
 LOG_FORMAT = "%(asctime)s {id} pid=%(process)d [%(threadName)s] %(levelname)s %(name)s: %(message)s"
@@ -92,6 +93,9 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None,
     if first_build is not None:
         first_run = server.session.start_first_build(first_build.options_json,
                                                      first_build.terminal)
+        # the client needs the server only after its own imports, so the build's
+        # connection to BuildKit goes first rather than share the GIL with server.start
+        first_run.connected.wait(FIRST_BUILD_HEAD_START)
     try:
         server.start()
     except (BkdbgError, OSError):

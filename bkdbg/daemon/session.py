@@ -69,6 +69,7 @@ class BuildRun:
         self._listening = True
         self.done: BuildDone | None = None
         self.finished = threading.Event()
+        self.connected = threading.Event()  # BuildKit's connection and session are up
 
     def publish(self, events: list[ProgressEvent]) -> None:
         # NOTE: unbounded, but BuildKit clips each step's log (2 MiB by default)
@@ -211,6 +212,7 @@ class Session:
             self.build_state = state
         logger.info("build %s after %.1f s: %s", state, time.monotonic() - started,
                     done.error or "ok")
+        run.connected.set()
         run.finish(done)
         self.clients.broadcast(ServerEvent("build-finished", done.error or "build finished",
                                            done.process_id))
@@ -224,6 +226,7 @@ class Session:
             # close() may have ended the session before this build had a handle to cancel
             self._end_build("the server is stopping")
             raise BuildCancelled(f"build cancelled: {options.context}: the server is stopping")
+        run.connected.set()
         try:
             handle.solve()
         except BuildFailed as exc:

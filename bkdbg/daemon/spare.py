@@ -20,7 +20,6 @@ socket is removed or replaced by a newer spare's.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -28,38 +27,20 @@ import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
 
-from bkdbg import __version__
-
-# Nothing beyond the standard library and bkdbg's version is imported here, because
-# `bkdbg build` claims a spare before its other imports (see early.py).
+from bkdbg.daemon.early import CLAIM_TIMEOUT, SPARE_ENV, SPARE_OFF, read_line, socket_path
 
 logger = logging.getLogger(__name__)
 
-SPARE_ENV = "BKDBG_SPARE_SERVER"  # off, or how long a spare waits for a claim (e.g. 10m)
 DEFAULT_WAIT = 600.0  # seconds
-SOCKET_NAME = "spare.sock"
 LOG_NAME = "spare.log"
 CHECK_INTERVAL = 2.0  # seconds between checks that the socket is still this spare's
-CLAIM_TIMEOUT = 2.0  # seconds for either side to send its line of a claim
-MAX_LINE = 1 << 20
-_OFF = ("off", "false", "no", "0")
-
-
-class Claimed(NamedTuple):
-    """A spare that accepted a claim: the connection that will carry `ready`, and the
-    spare's pid and the instance it created."""
-
-    sock: socket.socket
-    pid: int
-    instance_id: str
 
 
 def spare_wait(environ: Mapping[str, str] | None = None) -> float | None:
     """Return how long a spare waits for a claim, or None when spares are off."""
     value = (os.environ if environ is None else environ).get(SPARE_ENV, "").strip()
-    if value.lower() in _OFF:
+    if value.lower() in SPARE_OFF:
         return None
     if not value:
         return DEFAULT_WAIT
@@ -71,50 +52,6 @@ def spare_wait(environ: Mapping[str, str] | None = None) -> float | None:
     except UsageError:
         logger.warning("invalid %s value %r: spare servers are off", SPARE_ENV, value)
         return None
-
-
-def code_fingerprint() -> str:
-    """Return what identifies this bkdbg's code: version, interpreter, venv, and source mtimes."""
-    package = Path(__file__).resolve().parent.parent
-    newest = 0
-    pending = [str(package)]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False) and entry.name != "__pycache__":
-                    pending.append(entry.path)
-                elif entry.name.endswith(".py"):
-                    newest = max(newest, entry.stat().st_mtime_ns)
-    # realpath, because `python` and `python3` of one venv are one interpreter; sys.prefix
-    # tells venvs apart
-    return f"{__version__} {os.path.realpath(sys.executable)} {sys.prefix} {package} {newest}"
-
-
-def socket_path(root: Path) -> Path:
-    return root / SOCKET_NAME
-
-
-def claim(root: Path, request: dict[str, Any]) -> Claimed | None:
-    """Claim the spare under `root`; None when there is none or it did not accept.
-
-    The caller then starts a server itself.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(CLAIM_TIMEOUT)
-        sock.connect(str(socket_path(root)))
-        sock.sendall(json.dumps({"claim": request}).encode() + b"\n")
-        reply = read_line(sock).decode(errors="replace").split()
-    except OSError as exc:
-        logger.debug("no spare server under %s: %s", root, exc)
-        sock.close()
-        return None
-    if len(reply) != 3 or reply[0] != "pid" or not reply[1].isdigit():
-        logger.info("the spare server under %s did not accept the claim: %s", root, reply)
-        sock.close()
-        return None
-    sock.settimeout(None)
-    return Claimed(sock, int(reply[1]), reply[2])
 
 
 def ping(root: Path) -> int | None:
@@ -157,15 +94,3 @@ def start_spare(root: Path, wait: float) -> None:
     logger.info("started a spare server as pid %d", process.pid)
     # reaped here while this server lives, so it never stays a zombie meanwhile
     threading.Thread(target=process.wait, name="reap-spare", daemon=True).start()
-
-
-def read_line(sock: socket.socket) -> bytes:
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed before the end of the line")
-        received += chunk
-        if len(received) > MAX_LINE:
-            raise ConnectionError("line too long")
-    return received.rstrip(b"\n")

@@ -22,14 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from bkdbg.daemon.spare import (
-    CHECK_INTERVAL,
-    CLAIM_TIMEOUT,
-    DEFAULT_WAIT,
-    code_fingerprint,
-    read_line,
-    socket_path,
-)
+from bkdbg.daemon.early import CLAIM_TIMEOUT, code_fingerprint, read_line, socket_path
+from bkdbg.daemon.spare import CHECK_INTERVAL, DEFAULT_WAIT
 
 if TYPE_CHECKING:
     from bkdbg.daemon.backend import FirstBuild
