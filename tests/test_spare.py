@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bkdbg.daemon.early import SPARE_ENV, claim, socket_path
+from bkdbg.daemon.early import SPARE_ENV, claim, scan_detached_build, socket_path, spares_off
 from bkdbg.daemon.instances import create_instance, pid_alive
 from bkdbg.daemon.spare import (
     CHECK_INTERVAL,
@@ -77,6 +77,34 @@ def test_wait_setting() -> None:
     assert spare_wait({SPARE_ENV: "off"}) is None
     assert spare_wait({SPARE_ENV: "0"}) is None
     assert spare_wait({SPARE_ENV: "soon"}) is None
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["build", "ctx"], (None, False, None)),
+    (["--root", "/r", "--debug", "build", "--server-idle-timeout=30s", "ctx"],
+     ("/r", True, 30.0)),
+    (["--addr", "build", "list"], None),  # `build` is --addr's value here
+    (["build", "--detach=false", "ctx"], None),
+    (["build", "--detach", "false", "ctx"], None),
+    (["build", "--server-idle-timeout", "soon", "ctx"], None),
+    (["build", "--help"], None),
+    (["attach"], None),
+])
+def test_scan_detached_build(argv: list[str],
+                             expected: tuple[str | None, bool, float | None] | None) -> None:
+    flags = scan_detached_build(argv)
+    if expected is None:
+        assert flags is None
+    else:
+        assert flags is not None
+        assert (flags.root, flags.debug, flags.idle_timeout) == expected
+
+
+def test_spares_off_setting() -> None:
+    assert not spares_off({})
+    assert not spares_off({SPARE_ENV: "30s"})
+    assert spares_off({SPARE_ENV: " OFF "})
+    assert spares_off({SPARE_ENV: "0"})
 
 
 def test_ping_and_stop(root: Path) -> None:
