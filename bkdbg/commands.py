@@ -277,10 +277,13 @@ def make_workspace(args: argparse.Namespace) -> Workspace:
 
 
 def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
+    from bkdbg.daemon.spare import parse_spare_setting
     from bkdbg.shell import session
 
     detach = parse_choice(args.detach, "--detach", ("true", "false")) == "true"
     idle_timeout = parse_duration(args.server_idle_timeout, "--server-idle-timeout")
+    if detach:
+        parse_spare_setting()  # the server ignores an invalid value, so say it here
     options = build_request(args, ws.local.interactive)
     ws.launcher = _launcher(ws, detach, idle_timeout, args.early_server)
 
@@ -404,10 +407,14 @@ def _wait_for_build(ws: Workspace, current: Current) -> None:
 
 
 def _run_list(_args: argparse.Namespace, ws: Workspace) -> int:
+    from bkdbg.daemon.spare import ping
     from bkdbg.shell import servers
 
     for line in servers.list_lines(ws):
         print(line)
+    if (pid := ping(ws.root)) is not None:
+        print(f"a spare server (pid {pid}) waits for the next bkdbg build here: "
+              "bkdbg kill --all stops it")
     return 0
 
 
@@ -430,7 +437,7 @@ def _run_kill(args: argparse.Namespace, ws: Workspace) -> int:
     if args.all:
         ids = [row.instance_id for row in servers.instance_rows(ws)]
         if (pid := stop_spare(ws.root)) is not None:
-            print(f"stopped the spare server (pid {pid})")
+            print(f"killed the spare server (pid {pid})")
     else:
         ids = args.ids or [_only_instance(ws, "kill")]
     status = 0

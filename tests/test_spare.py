@@ -29,6 +29,7 @@ from bkdbg.daemon.spare import (
 )
 from tests.conftest import IsolatedDirs
 from tests.helpers import TEST_IMAGE
+from tests.helpers.faults import run_bkdbg
 from tests.helpers.pty import pty_env, spawn_pty
 
 BKDBG = [sys.executable, "-m", "bkdbg"]
@@ -110,9 +111,46 @@ def test_spares_off_setting() -> None:
 def test_ping_and_stop(root: Path) -> None:
     pid = started(root)
     assert stop_spare(root) == pid
-    wait_gone(pid)
+    assert not pid_alive(pid)
     assert not socket_path(root).exists()
     assert stop_spare(root) is None
+
+
+def test_list_and_kill_show_spare(root: Path) -> None:
+    pid = started(root)
+    listed = run_bkdbg("list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1] == (
+        f"a spare server (pid {pid}) waits for the next bkdbg build here: "
+        "bkdbg kill --all stops it"
+    )
+    killed = run_bkdbg("kill", "--all")
+    assert killed.returncode == 0, killed.stderr
+    assert killed.stdout == f"killed the spare server (pid {pid})\n"
+    assert not pid_alive(pid)
+
+
+def test_invalid_setting_one_line(root: Path, tmp_path: Path) -> None:
+    result = run_bkdbg("build", str(tmp_path), env=dict(os.environ, **{SPARE_ENV: "1d"}))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"bkdbg: error: invalid {SPARE_ENV} value: '1d': use off, or a duration such as "
+        "10m or 1h"
+    ]
+
+
+def test_bad_input_keeps_a_spare(root: Path, tmp_path: Path) -> None:
+    # the claimed spare serves a client that then fails: a new spare replaces it
+    first = started(root)
+    missing = tmp_path / "missing"
+    result = run_bkdbg("build", "--invoke", "sh", str(missing))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"bkdbg: error: build context not found: {missing}: give an existing directory"
+    ]
+    wait_gone(first)
+    wait_serving(root, other_than=first)
+    assert [p.name for p in root.iterdir() if p.is_dir()] == []
 
 
 def test_exits_when_socket_removed(root: Path) -> None:

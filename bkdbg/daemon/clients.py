@@ -75,11 +75,13 @@ class ClientRegistry:
         self._clients: dict[str, ClientRecord] = {}
         self._ids = itertools.count(1)
         self._last_activity = time.monotonic()
+        self.had_client = False  # a client said Hello at least once
 
     def register(self, pid: int, name: str) -> ClientRecord:
         with self._lock:
             record = ClientRecord(f"c{next(self._ids)}", pid, name)
             self._clients[record.id] = record
+            self.had_client = True
             self._last_activity = time.monotonic()
             self._forget_idle()
         logger.info("client %s connected (pid %d, %s)", record.id, pid, name or "no name")

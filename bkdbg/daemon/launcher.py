@@ -345,7 +345,7 @@ def _serve(args: list[str], command: Command | None, interactive: bool) -> int:
 
     build = command.derive(command.argv, interactive) if command is not None else None
     try:
-        return serve_main(args, first_build=build)
+        return serve_main(args, first_build=build, spares=command is not None)
     except SystemExit as exc:
         return _exit_status(exc)
 

@@ -37,7 +37,6 @@ from bkdbg.heap import tune_malloc
 
 if TYPE_CHECKING:
     from bkdbg.daemon.client import DaemonClient
-    from bkdbg.daemon.session import BuildRun
     from bkdbg.options import BuildOptions
 
 logger = logging.getLogger(__name__)
@@ -74,8 +73,12 @@ def _import_gateway() -> None:
 
 
 def serve_main(argv: list[str] | None = None, backend: Backend | None = None,
-               first_build: FirstBuild | None = None) -> int:
-    """Run a server until a stop request; returns the process exit status."""
+               first_build: FirstBuild | None = None, spares: bool = False) -> int:
+    """Run a server until a stop request; returns the process exit status.
+
+    `first_build` starts at once. With `spares`, the server starts a spare server after
+    its first build (see `_start_spare_after`).
+    """
     args = _parser().parse_args(argv)
     if not is_instance_id(args.id):
         _parser().error(f"invalid --id value: {args.id!r}: expected 8 lowercase hex digits")
@@ -104,12 +107,11 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None,
         return 1
     _notify_ready(args.ready_fd)
     tune_malloc()
-    wait = spare_wait()
+    wait = spare_wait() if spares else None
     spare_thread = None
-    if first_run is not None and wait is not None:
-        spare_thread = threading.Thread(target=_start_spare_after,
-                                        args=(first_run, server, wait), name="start-spare",
-                                        daemon=True)
+    if wait is not None:
+        spare_thread = threading.Thread(target=_start_spare_after, args=(server, wait),
+                                        name="start-spare", daemon=True)
         spare_thread.start()
     if isinstance(server.session.backend, _DeferredGatewayBackend):
         threading.Thread(target=_import_gateway, name="import-gateway", daemon=True).start()
@@ -121,15 +123,18 @@ def serve_main(argv: list[str] | None = None, backend: Backend | None = None,
     return 0
 
 
-def _start_spare_after(run: BuildRun, server: Server, wait: float) -> None:
+def _start_spare_after(server: Server, wait: float) -> None:
     """Start a spare server for the next `bkdbg build` after this server's first build.
 
     SPARE_DELAY after the build, so that its imports do not take CPU from the first
-    output, or sooner when the session ends. Not when the server is stopped otherwise
-    (`bkdbg kill`, a signal).
+    output, or sooner when the server stops. Not when `bkdbg kill` or a signal stops a
+    server that had a client: a server whose client never came was abandoned by it (bad
+    input, say), and the next build still wants a spare.
     """
-    run.finished.wait()
-    if server.wait_stop_requested(SPARE_DELAY) and not server.session.ended_by_client:
+    session = server.session
+    session.build_ended.wait()
+    stopping = server.wait_stop_requested(SPARE_DELAY)
+    if stopping and not (session.ended_by_client or not session.clients.had_client):
         return
     try:
         start_spare(server.paths.root, wait)

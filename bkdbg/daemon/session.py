@@ -124,6 +124,7 @@ class Session:
         self._process_ids = itertools.count(1)
         self._first_run: BuildRun | None = None  # started by start_first_build, not yet taken
         self.ended_by_client = False  # a Goodbye ended the session, not kill or a signal
+        self.build_ended = threading.Event()  # the first build ended, or the session closed
 
     # ------------------------------------------------------------ builds
 
@@ -214,6 +215,7 @@ class Session:
                     done.error or "ok")
         run.connected.set()
         run.finish(done)
+        self.build_ended.set()
         self.clients.broadcast(ServerEvent("build-finished", done.error or "build finished",
                                            done.process_id))
 
@@ -474,6 +476,7 @@ class Session:
                 return
             self._closing = True
             processes, handle = list(self._processes.values()), self._build
+        self.build_ended.set()
         closed = Closed(f"bkdbg server {self.instance_id} is shutting down")
         for process in processes:
             process.close_attachments(closed)

@@ -1,10 +1,10 @@
 """The spare server process, `bkdbg __spare --root ROOT --wait SECONDS` (see spare.py).
 
-It imports what a server needs, then listens on ROOT/spare.sock. It replies to each
-ping with its pid, and takes the first claim: it creates the client's instance, takes on the
-client's environment, working directory and umask, derives the build from the client's
-arguments, and runs `serve_main` with that build, writing the ready line to the claim's
-connection.
+It imports what a server needs, then listens on ROOT/spare.sock, and replies to each ping
+with its pid. On the first claim it creates the client's instance and takes on the
+client's environment, working directory and umask. Then it derives the build from the
+client's arguments and runs `serve_main` with that build, which writes the ready line to
+the claim's connection.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def spare_main(argv: list[str]) -> int:
     logger.info("spare server waiting on %s for %g s", socket_path(root), args.wait)
     try:
         claimed = _wait_for_claim(listener, root, inode, time.monotonic() + args.wait)
+        replaced = not _owns_socket(root, inode)
     except SystemExit:
         logger.info("spare server exits: stopped by a signal")
         return 0
@@ -61,7 +62,8 @@ def spare_main(argv: list[str]) -> int:
         _remove_socket(root, inode)
         listener.close()
     if claimed is None:
-        logger.info("spare server exits without a claim")
+        logger.info("spare server exits: %s", f"{socket_path(root)} was removed or replaced"
+                    if replaced else f"no claim within {args.wait:g} s")
         return 0
 
     serve_call = _take_claim(*claimed, root, fingerprint)
@@ -71,7 +73,7 @@ def spare_main(argv: list[str]) -> int:
     logging.getLogger().removeHandler(handler)
     from bkdbg.daemon.main import serve_main
 
-    return serve_main(serve_call[0], first_build=serve_call[1])
+    return serve_main(serve_call[0], first_build=serve_call[1], spares=True)
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -132,7 +134,6 @@ def _next_connection(listener: socket.socket, root: Path, inode: int,
     while (remaining := deadline - time.monotonic()) > 0:
         if not select.select([listener], [], [], min(remaining, CHECK_INTERVAL))[0]:
             if not _owns_socket(root, inode):
-                logger.info("spare server exits: %s was removed or replaced", socket_path(root))
                 return None
             continue
         conn, _ = listener.accept()
