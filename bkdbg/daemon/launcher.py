@@ -227,8 +227,21 @@ def fork_is_safe() -> bool:
     return hasattr(os, "fork") and threading.active_count() == 1 and "grpc" not in sys.modules
 
 
-class ForkedServer:
-    """A server forked by `start_server`, with the part of Popen's interface used here.
+class _SignalledServer:
+    """The part of Popen's interface used here, for a server process that is no Popen."""
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        raise NotImplementedError
+
+
+class ForkedServer(_SignalledServer):
+    """A server forked by `start_server`.
 
     A thread waits for its exit, so that it never stays a zombie while this client runs.
     """
@@ -258,12 +271,6 @@ class ForkedServer:
         assert self.returncode is not None
         return self.returncode
 
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
     def _signal(self, signum: int) -> None:
         # the pid stays ours until the reaper has waited for it
         if not self._exited.is_set():
@@ -273,7 +280,7 @@ class ForkedServer:
                 pass  # reaped just now
 
 
-class ClaimedSpare:
+class ClaimedSpare(_SignalledServer):
     """A spare server that became this client's server: not a child, so watched by pidfd."""
 
     def __init__(self, pid: int) -> None:
@@ -292,12 +299,6 @@ class ClaimedSpare:
             raise subprocess.TimeoutExpired(["bkdbg", "__spare"], timeout or 0)
         self.returncode = UNKNOWN_STATUS
         return self.returncode
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
 
     def _signal(self, signum: int) -> None:
         try:

@@ -17,6 +17,7 @@ import grpc
 from bkdbg.daemon import api_pb2 as pb
 from bkdbg.daemon import api_pb2_grpc
 from bkdbg.daemon.backend import Terminal
+from bkdbg.daemon.buildrun import BuildRun
 from bkdbg.daemon.convert import (
     ERROR_KEY,
     attach_output_to_pb,
@@ -27,7 +28,7 @@ from bkdbg.daemon.convert import (
 )
 from bkdbg.daemon.messages import TERMINAL_MESSAGES, ServerStatus
 from bkdbg.daemon.processes import Attachment, ManagedProcess
-from bkdbg.daemon.session import BuildRun, Session
+from bkdbg.daemon.session import Session
 from bkdbg.errors import (
     BkdbgError,
     BuildkitError,

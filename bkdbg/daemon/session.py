@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import queue
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from bkdbg.daemon.backend import (
     STATE_FAILED,
@@ -28,11 +27,10 @@ from bkdbg.daemon.backend import (
     ProcessSpec,
     Terminal,
 )
+from bkdbg.daemon.buildrun import BuildRun
 from bkdbg.daemon.clients import ClientRegistry
 from bkdbg.daemon.messages import (
     BuildDone,
-    BuildEvent,
-    BuildProgress,
     Closed,
     ProcessInfo,
     ServerEvent,
@@ -47,7 +45,6 @@ from bkdbg.errors import (
     UsageError,
 )
 from bkdbg.options import BuildOptions, InvokeConfig
-from bkdbg.progress import ProgressEvent, events_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -59,38 +56,6 @@ KEPT_EXITED_PROCESSES = 32
 # records it for them
 RELEASE_EXIT_WAIT = 5.0
 BUILD_JOIN_TIMEOUT = 15.0
-
-
-class BuildRun:
-    """One build or reload: its progress for the client that asked, then its BuildDone."""
-
-    def __init__(self) -> None:
-        self._events: queue.Queue[BuildEvent | None] = queue.Queue()
-        self._listening = True
-        self.done: BuildDone | None = None
-        self.finished = threading.Event()
-        self.connected = threading.Event()  # BuildKit's connection and session are up
-
-    def publish(self, events: list[ProgressEvent]) -> None:
-        # NOTE: unbounded, but BuildKit clips each step's log (2 MiB by default)
-        if self._listening and events:
-            self._events.put(BuildProgress(events_to_json(events)))
-
-    def finish(self, done: BuildDone) -> None:
-        self.done = done
-        self._events.put(done)
-        self.finished.set()
-
-    def stop_listening(self) -> None:
-        """End `stream()` and drop later progress; the build itself goes on."""
-        self._listening = False
-        self._events.put(None)
-
-    def stream(self) -> Iterator[BuildEvent]:
-        while (event := self._events.get()) is not None:
-            yield event
-            if isinstance(event, BuildDone):
-                return
 
 
 class Session:
