@@ -283,7 +283,7 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     detach = parse_choice(args.detach, "--detach", ("true", "false")) == "true"
     idle_timeout = parse_duration(args.server_idle_timeout, "--server-idle-timeout")
     if detach:
-        parse_spare_setting()  # the server ignores an invalid value, so say it here
+        parse_spare_setting()  # the server ignores an invalid value, so report it here
     options = build_request(args, ws.local.interactive)
     ws.launcher = _launcher(ws, detach, idle_timeout, args.early_server)
 

@@ -75,7 +75,7 @@ class ClientRegistry:
         self._clients: dict[str, ClientRecord] = {}
         self._ids = itertools.count(1)
         self._last_activity = time.monotonic()
-        self.had_client = False  # a client said Hello at least once
+        self.had_client = False  # a client sent Hello at least once
 
     def register(self, pid: int, name: str) -> ClientRecord:
         with self._lock:

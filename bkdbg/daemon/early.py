@@ -156,8 +156,8 @@ def code_fingerprint() -> str:
                     pending.append(entry.path)
                 elif entry.name.endswith(".py"):
                     newest = max(newest, entry.stat().st_mtime_ns)
-    # realpath, because `python` and `python3` of one venv are one interpreter; sys.prefix
-    # tells venvs apart
+    # realpath, because `python` and `python3` of one venv are one interpreter, and
+    # sys.prefix because it differs between venvs
     return f"{__version__} {os.path.realpath(sys.executable)} {sys.prefix} {package} {newest}"
 
 

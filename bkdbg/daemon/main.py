@@ -134,7 +134,8 @@ def _start_spare_after(server: Server, wait: float) -> None:
     session = server.session
     session.build_ended.wait()
     stopping = server.wait_stop_requested(SPARE_DELAY)
-    if stopping and not (session.ended_by_client or not session.clients.had_client):
+    abandoned = not session.clients.had_client
+    if stopping and not session.ended_by_client and not abandoned:
         return
     try:
         start_spare(server.paths.root, wait)

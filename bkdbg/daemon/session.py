@@ -89,7 +89,7 @@ class Session:
         self._process_ids = itertools.count(1)
         self._first_run: BuildRun | None = None  # started by start_first_build, not yet taken
         self.ended_by_client = False  # a Goodbye ended the session, not kill or a signal
-        self.build_ended = threading.Event()  # the first build ended, or the session closed
+        self.build_ended = threading.Event()  # a build ended, or the session closed
 
     # ------------------------------------------------------------ builds
 
@@ -129,8 +129,11 @@ class Session:
     def _drop_first_build(self, requested_json: str) -> None:
         # a bug, since client and server derive both from the same command line: give the
         # client what it requests rather than a build it did not ask for
-        logger.warning("the client requests other build options than its command line "
-                       "gave: %s instead of %s", requested_json, self.options_json)
+        # contexts only: the options may carry build arguments with secrets in them
+        logger.warning("the client requests other build options than its command line gave "
+                       "(context %s, then %s): starting the requested build",
+                       parse_options(self.options_json).context,
+                       parse_options(requested_json).context)
         self._cancel_build(self._build)
         self._end_build("container released: the client requested another build")
         with self._lock:

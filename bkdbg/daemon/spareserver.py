@@ -82,7 +82,7 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _wait_for_claim(listener: socket.socket, root: Path, inode: int,
                     deadline: float) -> tuple[socket.socket, dict[str, Any]] | None:
-    """Answer pings until a claim arrives; return its connection and request."""
+    """Reply to pings until a claim arrives; return its connection and request."""
     while (conn := _next_connection(listener, root, inode, deadline)) is not None:
         request = _read_request(conn)
         if request is not None and isinstance(request.get("claim"), dict):
@@ -96,7 +96,7 @@ def _import_server() -> None:
     """Import what a server needs for its first build, and the commands that derive it.
 
     grpc imports its channel and server modules only when the first of each is made, and
-    initializes its core then: about 10 ms in all (grpcio 1.85, 2-CPU VM of
+    initializes its core then. That costs about 10 ms in all (grpcio 1.85, 2-CPU VM of
     docs/benchmarks.md), so a spare makes and drops one of each here.
     """
     import ctypes  # noqa: F401  (bkdbg.heap's tune_malloc)
@@ -171,7 +171,7 @@ def _answer(conn: socket.socket, line: bytes) -> None:
         if line:
             conn.sendall(line)
     except OSError as exc:
-        logger.info("cannot answer on the spare socket: %s", exc)
+        logger.info("cannot reply on the spare socket: %s", exc)
     finally:
         conn.close()
 
