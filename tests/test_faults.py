@@ -169,10 +169,15 @@ def test_client_killed_in_shell(buildkit_addr, context, root):
         instance_id = only_instance(root)
         pid = server_pid(root, instance_id)
         # the file contains kept-42 and the typed line does not, so the replayed echo of
-        # this line cannot satisfy the check after the attach
-        expect_in_shell(term, "echo kept-$((40+2)) > /kept", SHELL_PROMPT)
-        term.sendline(f"(sleep {DETACHED_OUTPUT_DELAY}; echo while-detached-$((6*7))) &")
-        term.expect_exact(SHELL_PROMPT)
+        # this line cannot satisfy the check after the attach; each line ends by printing
+        # a computed marker, because a prompt could also be a redraw of an earlier one,
+        # and the kill would then lose a line that the shell had not read yet
+        expect_in_shell(term, "echo kept-$((40+2)) > /kept; echo wrote-$((5*5))", "wrote-25")
+        expect_in_shell(
+            term,
+            f"(sleep {DETACHED_OUTPUT_DELAY}; echo while-detached-$((6*7))) & echo bg-$((3*3))",
+            "bg-9",
+        )
         kill_client(term)
 
     assert listed_ids(root) == [instance_id]
@@ -189,7 +194,7 @@ def test_client_killed_at_monitor(buildkit_addr, context, root):
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
         instance_id = only_instance(root)
         pid = server_pid(root, instance_id)
-        expect_in_shell(term, "echo kept-$((40+2)) > /kept", SHELL_PROMPT)
+        expect_in_shell(term, "echo kept-$((40+2)) > /kept; echo wrote-$((5*5))", "wrote-25")
         to_monitor(term)
         kill_client(term)
 
