@@ -385,6 +385,8 @@ def _run_attach(args: argparse.Namespace, ws: Workspace) -> int:
 
 def _wait_for_build(ws: Workspace, current: Current) -> None:
     """Wait until the server's build ends, so that attach lands in the process it starts."""
+    from bkdbg.shell.workspace import failed_state
+
     client = current.client
     if client.info().build_state != "building":
         return
@@ -404,6 +406,7 @@ def _wait_for_build(ws: Workspace, current: Current) -> None:
     info = client.info()
     current.process_id = info.current_process
     current.last_exit = info.last_exit_code
+    current.build_failed = failed_state(info.build_state)
 
 
 def _run_list(_args: argparse.Namespace, ws: Workspace) -> int:

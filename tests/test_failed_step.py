@@ -144,9 +144,33 @@ def test_failed_state_and_rollback_init(failing, addr, env, root):
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
         assert run_in_shell(term, "cat /partial", "m3") == "partial\n"
 
+        # the shell's last status is 0, but the build failed
         to_monitor(term)
         term.sendline("exit")
-        assert term.close() == 0
+        term.expect_exact("bkdbg: the last build failed, so bkdbg exits with status 1")
+        assert term.close() == 1
+    assert wait_no_instances(root) == []
+
+
+@pytest.mark.parametrize(("typed", "status"), [("exit 0", 1), ("exit 4", 4)])
+def test_failed_state_piped_status(typed, status, failing, addr, env, root):
+    result = subprocess.run(
+        build_argv(addr, failing, "--invoke", "sh"),
+        input=f"cat /partial\n{typed}\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert result.returncode == status, result.stderr
+    assert result.stdout == "partial\n"
+    last = result.stderr.splitlines()[-1]
+    if status == 1:
+        # the shell exited 0, so one line explains the status
+        assert last == "bkdbg: the build failed, so bkdbg exits with status 1"
+    else:
+        assert "exits with status" not in result.stderr
+    assert "Traceback" not in result.stderr
     assert wait_no_instances(root) == []
 
 

@@ -168,10 +168,10 @@ def test_client_killed_in_shell(buildkit_addr, context, root):
         term.expect_exact(SHELL_PROMPT, timeout=BUILD_TIMEOUT)
         instance_id = only_instance(root)
         pid = server_pid(root, instance_id)
-        # the file contains kept-42 and the typed line does not, so the replayed echo of
-        # this line cannot satisfy the check after the attach; each line ends by printing
-        # a computed marker, because a prompt could also be a redraw of an earlier one,
-        # and the kill would then lose a line that the shell had not read yet
+        # The file contains kept-42 and the typed line does not, so the replayed echo of
+        # this line cannot satisfy the check after the attach. Each line ends by printing
+        # a computed marker: a prompt could be a redraw of an earlier one, and the kill
+        # would then lose a line that the shell had not read yet.
         expect_in_shell(term, "echo kept-$((40+2)) > /kept; echo wrote-$((5*5))", "wrote-25")
         expect_in_shell(
             term,

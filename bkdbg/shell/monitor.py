@@ -227,10 +227,13 @@ class Monitor(cmd2.Cmd):
     def do_exit(self, _args: argparse.Namespace) -> bool:
         """End the session: stop the server, exit with the interactive process's status.
 
-        The status is 0 while the current interactive process runs.
+        The status is 0 while the current interactive process runs, and 1 instead of 0
+        when the last build failed.
         """
         current = self.ws.current
-        status = current.last_exit if current else 0
+        status = current.exit_status(current.last_exit) if current else 0
+        if current is not None and status != current.last_exit:
+            self.perror(f"bkdbg: the last build failed, so bkdbg exits with status {status}")
         self.ws.leave(end_session=True)
         return self.stop_with(status)
 

@@ -113,8 +113,11 @@ def run_piped(ws: Workspace, process_id: str) -> int:
         if outcome.message:
             # the server's message gives the reason (released, command not found)
             ws.say(f"bkdbg: error: process {outcome.process_id}: {outcome.message}")
+        final = ws.require().exit_status(outcome.code)
+        if final != outcome.code:
+            ws.say(f"bkdbg: the build failed, so bkdbg exits with status {final}")
         ws.leave(end_session=True)
-        return outcome.code
+        return final
     if outcome.end is AttachEnd.OUTPUT_CLOSED:
         # like a pipeline's writer whose reader is gone (`| head`): end quietly, with the
         # process, and with a shell's status for SIGPIPE

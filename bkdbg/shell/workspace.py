@@ -36,10 +36,19 @@ class Current:
     client: DaemonClient
     process_id: str = ""
     last_exit: int = 0
+    build_failed: bool = False  # the server's last build failed or was cancelled
 
     @property
     def instance_id(self) -> str:
         return self.client.instance_id
+
+    def exit_status(self, code: int) -> int:
+        """Return bkdbg's exit status when the session ends with a process's `code`.
+
+        A failed build is not a success even when the shell in its failed step exits 0.
+        buildx, likewise, returns the build's error once its debugger ends.
+        """
+        return 1 if code == 0 and self.build_failed else code
 
 
 Launcher = Callable[[], DaemonClient]
@@ -97,7 +106,14 @@ class Workspace:
         """Connect to a running server and make it current."""
         client = DaemonClient.connect(self.root, instance_id)
         info = client.info()
-        self._set_current(Current(client, info.current_process, info.last_exit_code))
+        self._set_current(
+            Current(
+                client,
+                info.current_process,
+                info.last_exit_code,
+                build_failed=failed_state(info.build_state),
+            )
+        )
         return self.require()
 
     def _set_current(self, current: Current | None) -> None:
@@ -159,6 +175,7 @@ class Workspace:
         done = follow_build(events, renderer)
         self.expected.add("build-finished", done.process_id)
         print_result(done, self.err_stream, goes_on=goes_on)
+        current.build_failed = not done.ok or bool(done.error)
         if done.process_id:
             self._started(current, done.process_id, interactive=True)
         return done
@@ -231,6 +248,11 @@ class Workspace:
         self.expected.add("process-exited", outcome.process_id)
         if outcome.process_id == current.process_id:
             current.last_exit = outcome.code
+
+
+def failed_state(build_state: str) -> bool:
+    """Tell whether a server's build state (ServerInfo.build_state) is a failed build."""
+    return build_state in ("failed", "cancelled")
 
 
 def _say_goodbye(current: Current, *, end_session: bool) -> None:
