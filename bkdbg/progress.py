@@ -186,7 +186,8 @@ def _log_offset(step: StepState, timestamp: float | None) -> str:
     return f"{seconds:.{precision}f}"
 
 
-def _is_cancelled(error: str) -> bool:
+def is_cancelled(error: str) -> bool:
+    """Tell whether a step's error is BuildKit's for a cancelled build."""
     return error.endswith("context canceled")
 
 
@@ -195,11 +196,15 @@ def _is_cancelled(error: str) -> bool:
 
 
 class Renderer(Protocol):
-    """Draws progress events; thread-safe, and silent after `close`."""
+    """Draws progress events; thread-safe, and silent after `close`.
+
+    `close(cancelled=True)` means that the user interrupted the build, so the steps still
+    running end as cancelled.
+    """
 
     def update(self, events: list[ProgressEvent]) -> None: ...
 
-    def close(self, ok: bool = True) -> None: ...
+    def close(self, ok: bool = True, cancelled: bool = False) -> None: ...
 
 
 class QuietRenderer:
@@ -208,7 +213,7 @@ class QuietRenderer:
     def update(self, events: list[ProgressEvent]) -> None:
         pass
 
-    def close(self, ok: bool = True) -> None:
+    def close(self, ok: bool = True, cancelled: bool = False) -> None:
         pass
 
 
@@ -227,18 +232,18 @@ class LockedRenderer:
             self._render(events)
             self._stream.flush()
 
-    def close(self, ok: bool = True) -> None:
+    def close(self, ok: bool = True, cancelled: bool = False) -> None:
         with self._lock:
             if self._closed:
                 return
-            self._finish(ok)
+            self._finish(ok, cancelled)
             self._closed = True
             self._stream.flush()
 
     def _render(self, events: list[ProgressEvent]) -> None:
         raise NotImplementedError
 
-    def _finish(self, ok: bool) -> None:
+    def _finish(self, ok: bool, cancelled: bool) -> None:
         pass
 
 
@@ -305,9 +310,19 @@ class PlainRenderer(LockedRenderer):
             if item.has_output and (item.step.started is not None or item.step.done):
                 self._print_pending(item)
 
-    def _finish(self, ok: bool) -> None:
+    def _finish(self, ok: bool, cancelled: bool) -> None:
         if self._current is not None:
             self._flush_partial(self._current)
+        if not cancelled:
+            return
+        if self._stream.isatty():
+            self._stream.write("\n")  # after the terminal's echo of ^C
+        # the build stream ends here, so no event will end the steps that still run
+        for step in self._trace.steps.values():
+            if step.index and step.started is not None and not step.done:
+                self._switch_to(step)
+                self._write(step, "CANCELED")
+                self._current = None
 
     def _collect(self, event: ProgressEvent, pending: dict[str, _Pending]) -> None:
         if isinstance(event, VertexEvent):
@@ -372,7 +387,7 @@ class PlainRenderer(LockedRenderer):
     def _print_end(self, step: StepState) -> None:
         self._flush_partial(step)
         if step.error:
-            self._write(step, "CANCELED" if _is_cancelled(step.error) else f"ERROR: {step.error}")
+            self._write(step, "CANCELED" if is_cancelled(step.error) else f"ERROR: {step.error}")
         elif step.cached:
             self._write(step, "CACHED")
         else:

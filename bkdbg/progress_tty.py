@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import termios
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from rich.console import Console, RenderableType
@@ -18,6 +23,7 @@ from bkdbg.progress import (
     StepState,
     StepTrace,
     VertexEvent,
+    is_cancelled,
 )
 
 
@@ -25,7 +31,9 @@ class TtyRenderer(LockedRenderer):
     """Draws a live view of the steps with rich, and leaves a compact summary when closed.
 
     rich redraws from its own thread, so the step table has its own lock, which `close`
-    does not hold while it waits for that thread to stop.
+    does not hold while it waits for that thread to stop. The terminal does not echo
+    typed keys while the view is live: an echoed `^C` after a full-width last line moved
+    the cursor down a line, and rich's final clear then left the top line behind.
     """
 
     def __init__(self, stream: TextIO) -> None:
@@ -34,6 +42,7 @@ class TtyRenderer(LockedRenderer):
         self._state_lock = threading.Lock()
         self._began = time.monotonic()
         self._first_seen: dict[str, float] = {}  # local clock, for steps still running
+        self._cancelled = False
         # str cells are plain text. Without markup and emoji codes, rich also does not
         # import its emoji table before the first progress line.
         self._console = Console(
@@ -47,6 +56,7 @@ class TtyRenderer(LockedRenderer):
             redirect_stdout=False,
             redirect_stderr=False,
         )
+        self._restore_echo = _stop_echo(stream)
         self._live.start()
 
     def _render(self, events: list[ProgressEvent]) -> None:
@@ -62,10 +72,15 @@ class TtyRenderer(LockedRenderer):
         elif isinstance(event, LogEvent) and event.vertex in self._trace.steps:
             self._trace.add_log(self._trace.steps[event.vertex], event.data)
 
-    def _finish(self, ok: bool) -> None:
-        self._live.stop()
-        with self._state_lock:
-            self._console.print(self._view(finished=True, ok=ok))
+    def _finish(self, ok: bool, cancelled: bool) -> None:
+        try:
+            self._live.stop()
+            with self._state_lock:
+                self._cancelled = cancelled
+                self._console.print(self._view(finished=True, ok=ok))
+        finally:
+            if self._restore_echo is not None:
+                self._restore_echo()
 
     def _live_view(self) -> RenderableType:
         with self._state_lock:
@@ -75,7 +90,9 @@ class TtyRenderer(LockedRenderer):
         steps = [s for s in self._trace.steps.values() if s.started is not None or s.done]
         steps.sort(key=lambda s: s.started or 0.0)
         state = ""
-        if finished:
+        if finished and self._cancelled:
+            state = "CANCELED"
+        elif finished:
             state = "FINISHED" if ok else "FAILED"
         elapsed = time.monotonic() - self._began
         done = sum(1 for s in steps if s.done)
@@ -89,7 +106,10 @@ class TtyRenderer(LockedRenderer):
 
     def _add_step_rows(self, table: Table, step: StepState, finished: bool) -> None:
         label, style = "", ""
-        if step.error:
+        interrupted = self._cancelled and step.started is not None and not step.done
+        if is_cancelled(step.error) or interrupted:
+            label, style = "CANCELED ", "yellow"
+        elif step.error:
             label, style = "ERROR ", "red"
         elif step.done:
             label, style = ("CACHED " if step.cached else ""), "blue"
@@ -105,3 +125,27 @@ class TtyRenderer(LockedRenderer):
         if step.done or step.started is None:
             return None
         return step.started + time.monotonic() - self._first_seen.get(step.digest, self._began)
+
+
+def _stop_echo(stream: TextIO) -> Callable[[], None] | None:
+    """Turn off the echo of typed keys on the terminal of `stream`; return the undo.
+
+    None when `stream` is no terminal, or when this process runs in the background,
+    where changing the terminal's modes would stop it with SIGTTOU.
+    """
+    try:
+        fd = stream.fileno()
+        if os.tcgetpgrp(fd) != os.getpgrp():
+            return None
+        saved = termios.tcgetattr(fd)
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except (OSError, ValueError, io.UnsupportedOperation, termios.error):
+        return None
+
+    def restore() -> None:
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+    return restore

@@ -543,6 +543,29 @@ def test_shutdown_cancels_running_build(backend: FakeBackend, context_dir: Path)
     client.close()
 
 
+def test_cancel_build_ends_stream(backend: FakeBackend, context_dir: Path) -> None:
+    (context_dir / "slow").write_text("60")
+    client = run_in_process(None, backend=backend)
+    events = client.build(options(context_dir, ["sh"]))
+    next(iter(events))
+
+    assert client.cancel_build()
+    done = finish(events)
+
+    assert not done.ok
+    assert done.error_kind == "BuildCancelled"
+    assert done.process_id == ""
+    assert backend.builds[0].cancelled.is_set()
+    assert client.info().build_state == "cancelled"
+    assert not client.cancel_build()  # nothing runs any more
+    client.close()
+
+
+def test_cancel_without_build_is_false(client: DaemonClient) -> None:
+    assert not client.cancel_build()
+    assert client.info().build_state == "idle"
+
+
 def test_idle_timeout_stops_server(backend: FakeBackend, context_dir: Path) -> None:
     client = run_in_process(None, backend=backend, idle_timeout=0.5)
     finish(client.build(options(context_dir)))

@@ -147,7 +147,7 @@ def test_failed_state_and_rollback_init(failing, addr, env, root):
         # the shell's last status is 0, but the build failed
         to_monitor(term)
         term.sendline("exit")
-        term.expect_exact("bkdbg: the last build failed, so bkdbg exits with status 1")
+        term.expect_exact("bkdbg: the last build did not succeed, so bkdbg exits with status 1")
         assert term.close() == 1
     assert wait_no_instances(root) == []
 

@@ -109,6 +109,22 @@ def test_plain_error_and_cancel() -> None:
     assert "#2 CANCELED" in lines
 
 
+def test_plain_interrupted_steps_cancelled() -> None:
+    out = io.StringIO()
+    renderer = PlainRenderer(out)
+    renderer.update([VertexEvent(FROM, "[1/2] FROM busybox", started=T0, completed=T0)])
+    renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 30", started=T0)])
+    renderer.update([LogEvent(RUN, 1, b"no newline yet", T0 + 0.5)])
+    renderer.close(False, cancelled=True)
+
+    lines = out.getvalue().splitlines()
+
+    assert lines[-2].endswith(" no newline yet")
+    assert lines[-1] == "#2 CANCELED"
+    assert lines.count("#1 DONE 0.0s") == 1
+    assert "#1 CANCELED" not in lines
+
+
 def test_plain_switching_steps_marks_interruption() -> None:
     batches = [
         [VertexEvent(RUN, "run", started=T0), VertexEvent(COPY, "copy", started=T0)],
@@ -211,6 +227,21 @@ def test_tty_failed_summary_names_error_step() -> None:
 
     assert "FAILED" in out.getvalue()
     assert "ERROR [2/2] RUN exit 7" in out.getvalue()
+
+
+def test_tty_interrupted_summary_cancelled() -> None:
+    out = io.StringIO()
+    renderer = TtyRenderer(out)
+    renderer.update([VertexEvent(FROM, "[1/2] FROM busybox", started=T0, completed=T0)])
+    renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 30", started=T0)])
+    renderer.close(False, cancelled=True)
+
+    written = out.getvalue()
+
+    assert "CANCELED [2/2] RUN sleep 30" in written
+    assert "CANCELED [1/2]" not in written
+    assert "Building" in written.splitlines()[-3]
+    assert "CANCELED" in written.splitlines()[-3]
 
 
 def test_make_renderer_modes() -> None:

@@ -120,6 +120,34 @@ def test_shell_session(context, env, root):
     assert wait_no_instances(root) == []
 
 
+def test_ctrl_c_cancels_build(make_context, env, root):
+    # A new step each run, so that BuildKit runs it rather than taking it from cache. Its
+    # output (ran-42-N) differs from its command line, so only the running step prints it.
+    run_id = time.time_ns()
+    command = f"echo ran-$((6*7))-{run_id} && sleep 30"
+    context = make_context(f"FROM {TEST_IMAGE}\nRUN {command}\n")
+    # Ctrl-C reaches the outer sh too: its trap lets the script go on after bkdbg ends
+    script = (
+        "trap 'echo outer-interrupted' INT; stty -a | tail -n +2 > before.txt; "
+        f"{shlex.join(BKDBG)} build --progress tty --invoke sh {shlex.quote(str(context))}; "
+        "echo rc=$?; stty -a | tail -n +2 > after.txt; "
+        "cmp before.txt after.txt && echo terminal-same"
+    )
+    with spawn_pty(["sh", "-c", script], cwd=context, env=env) as term:
+        term.expect_exact(f"ran-42-{run_id}", timeout=BUILD_TIMEOUT)
+        term.sendcontrol("c")
+        term.expect_exact("rc=130", timeout=10)
+        term.expect_exact("terminal-same")
+        assert term.close() == 0
+
+    final = term.output.split("rc=130")[0]
+    assert "CANCELED" in final
+    assert f"CANCELED [2/2] RUN {command}" in final
+    # no echo of the key while the live view is drawn, which would shift its last clear
+    assert "^C" not in final
+    assert wait_no_instances(root) == []
+
+
 def test_monitor_reload_and_rollback(context, env, root):
     with shell(context, env) as term:
         term.sendline("echo scratch > /scratch; echo written")
@@ -147,6 +175,31 @@ def test_monitor_reload_and_rollback(context, env, root):
         term.expect_exact(MONITOR_PROMPT)
         term.sendline("exit")
         assert term.close() == 0
+    assert wait_no_instances(root) == []
+
+
+def test_ctrl_c_cancels_reload(context, env, root):
+    with shell(context, env) as term:
+        run_id = time.time_ns()
+        command = f"echo ran-$((6*7))-{run_id} && sleep 30"
+        (context / "Dockerfile").write_text(f"{DOCKERFILE}RUN {command}\n")
+        term.sendcontrol("a")
+        term.send("c")
+        term.expect_exact(MONITOR_PROMPT)
+        term.sendline("reload")
+        term.expect_exact(f"ran-42-{run_id}", timeout=BUILD_TIMEOUT)
+        term.sendcontrol("c")
+        term.expect_exact("reload: cancelled with Ctrl-C: reload builds again", timeout=10)
+        term.expect_exact(MONITOR_PROMPT)
+        final = term.output.rsplit("(bkdbg) reload", 1)[1]
+
+        term.sendline("exit")
+        term.expect_exact("the last build did not succeed, so bkdbg exits with status 1")
+        assert term.close() == 1
+
+    assert f"CANCELED [3/3] RUN {command}" in final
+    assert "^C" not in final
+    assert "build cancelled" not in final  # the server's event repeats the line above
     assert wait_no_instances(root) == []
 
 

@@ -54,6 +54,11 @@ class DebuggerStub:
                 request_serializer=bkdbg_dot_daemon_dot_api__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=bkdbg_dot_daemon_dot_api__pb2.BuildEvent.FromString,
                 _registered_method=True)
+        self.CancelBuild = channel.unary_unary(
+                '/bkdbg.daemon.v1.Debugger/CancelBuild',
+                request_serializer=bkdbg_dot_daemon_dot_api__pb2.CancelBuildRequest.SerializeToString,
+                response_deserializer=bkdbg_dot_daemon_dot_api__pb2.CancelBuildResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/bkdbg.daemon.v1.Debugger/Rollback',
                 request_serializer=bkdbg_dot_daemon_dot_api__pb2.RollbackRequest.SerializeToString,
@@ -123,6 +128,14 @@ class DebuggerServicer:
     def Reload(self, request, context):
         """Rebuilds with the same options, re-reading the context, then restarts the
         interactive process on the new result (or in the new failed state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBuild(self, request, context):
+        """Cancels the running build (of Build or Reload), whose stream then ends with a
+        cancelled BuildDone. `cancelled` is false when no build was running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,6 +220,11 @@ def add_DebuggerServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=bkdbg_dot_daemon_dot_api__pb2.ReloadRequest.FromString,
                     response_serializer=bkdbg_dot_daemon_dot_api__pb2.BuildEvent.SerializeToString,
+            ),
+            'CancelBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBuild,
+                    request_deserializer=bkdbg_dot_daemon_dot_api__pb2.CancelBuildRequest.FromString,
+                    response_serializer=bkdbg_dot_daemon_dot_api__pb2.CancelBuildResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
@@ -357,6 +375,33 @@ class Debugger:
             '/bkdbg.daemon.v1.Debugger/Reload',
             bkdbg_dot_daemon_dot_api__pb2.ReloadRequest.SerializeToString,
             bkdbg_dot_daemon_dot_api__pb2.BuildEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bkdbg.daemon.v1.Debugger/CancelBuild',
+            bkdbg_dot_daemon_dot_api__pb2.CancelBuildRequest.SerializeToString,
+            bkdbg_dot_daemon_dot_api__pb2.CancelBuildResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -208,6 +208,12 @@ class DaemonClient:
         self._said_goodbye = True
         return stopping
 
+    def cancel_build(self) -> bool:
+        """Cancel the server's running build; return False when none was running."""
+        request = pb.CancelBuildRequest(client_id=self.client_id)
+        with self._translated():
+            return bool(self._stub.CancelBuild(request).cancelled)
+
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop the server: release containers, cancel the build, exit; then wait for it."""
         with self._translated():

@@ -141,6 +141,11 @@ class DebuggerService(api_pb2_grpc.DebuggerServicer):  # type: ignore[misc]
         stopping = self.session.goodbye(request.client_id, request.end_session)
         return pb.GoodbyeResponse(shutting_down=stopping)
 
+    def CancelBuild(self, request: pb.CancelBuildRequest,
+                    context: grpc.ServicerContext) -> pb.CancelBuildResponse:
+        cancelled = self.session.cancel_build(request.client_id)
+        return pb.CancelBuildResponse(cancelled=cancelled)
+
     def Shutdown(self, request: pb.ShutdownRequest,
                  context: grpc.ServicerContext) -> pb.ShutdownResponse:
         self.request_stop("a client requested Shutdown")

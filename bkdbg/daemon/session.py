@@ -88,6 +88,7 @@ class Session:
         self._current = ""
         self._process_ids = itertools.count(1)
         self._first_run: BuildRun | None = None  # started by start_first_build, not yet taken
+        self._cancel_requested = False  # a client cancelled the running build
         self.ended_by_client = False  # a Goodbye ended the session, not kill or a signal
         self.build_ended = threading.Event()  # a build ended, or the session closed
 
@@ -151,10 +152,22 @@ class Session:
             logger.info("reload of %s requested", self.options.context)
             return self._start_run(_reload_options(self.options_json), terminal)
 
+    def cancel_build(self, client_id: str) -> bool:
+        """Cancel the running build at a client's request; return False when none runs."""
+        with self._lock:
+            if self.build_state != BUILDING:
+                return False
+            self._cancel_requested = True
+            handle = self._build
+        logger.info("client %s cancels the build", client_id or "unknown")
+        self._cancel_build(handle)
+        return True
+
     def _start_run(self, options: BuildOptions, terminal: Terminal) -> BuildRun:
         run = BuildRun()
         with self._lock:
             self.build_state = BUILDING
+            self._cancel_requested = False
         thread = threading.Thread(
             target=self._run_build, args=(run, options, terminal), name="build", daemon=True
         )
@@ -191,11 +204,15 @@ class Session:
                           terminal: Terminal) -> tuple[str, BuildDone]:
         handle = self.backend.start_build(options, run.publish)
         with self._lock:
-            self._build, self.address, closing = handle, handle.address, self._closing
+            self._build, self.address = handle, handle.address
+            closing, cancelled = self._closing, self._cancel_requested
+        # close() or cancel_build() may have run before this build had a handle to cancel
         if closing:
-            # close() may have ended the session before this build had a handle to cancel
             self._end_build("the server is stopping")
             raise BuildCancelled(f"build cancelled: {options.context}: the server is stopping")
+        if cancelled:
+            self._end_build("build cancelled by a client")
+            raise BuildCancelled(f"build cancelled: {options.context}: a client cancelled it")
         run.connected.set()
         try:
             handle.solve()

@@ -24,17 +24,22 @@ RULE = "-" * 20
 def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
     """Render the progress of a build stream and return how it ended.
 
-    A stream that ends without BuildDone counts as a failed build.
+    A stream that ends without BuildDone counts as a failed build. On Ctrl-C the renderer
+    shows the steps still running as cancelled, because the caller cancels the build.
     """
     result = BuildDone(ok=False, error="the server ended the build stream before the build ended")
+    cancelled = False
     try:
         for event in events:
             if isinstance(event, BuildProgress):
                 renderer.update(events_from_json(event.events_json))
             else:
                 result = event
+    except KeyboardInterrupt:
+        cancelled = True
+        raise
     finally:
-        renderer.close(result.ok)
+        renderer.close(result.ok, cancelled=cancelled)
     return result
 
 

@@ -5,6 +5,9 @@ rollback.
 from __future__ import annotations
 
 import argparse
+import sys
+import termios
+from typing import TextIO
 
 import cmd2
 from cmd2 import with_argparser
@@ -19,6 +22,21 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
     """build, reload and rollback."""
 
     DEFAULT_CATEGORY = CATEGORY
+
+    def sigint_handler(self) -> bool:
+        """Raise KeyboardInterrupt for Ctrl-C, with a newline only after an echoed ^C.
+
+        cmd2's own handler always writes a newline first. While the live progress view
+        is drawn the terminal does not echo, and that newline would move the cursor under
+        the view, so that its last redraw left the view's first line behind.
+        """
+        if _echoes(sys.stdin):
+            self._cmd.poutput()
+        raise KeyboardInterrupt
+
+    def _cancelled(self, command: str) -> bool:
+        self._cmd.fail(command, "cancelled with Ctrl-C: reload builds again")
+        return False
 
     def _after_build(self, command: str, result: BuildDone) -> bool:
         """Attach to the process a build started, or report the build's failure.
@@ -65,7 +83,11 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
             )
         options.addr = args.addr or app.ws.addr
         options.tls = tls_config(args) or app.ws.tls
-        return self._after_build("build", app.ws.build(options))
+        try:
+            result = app.ws.build(options)
+        except KeyboardInterrupt:
+            return self._cancelled("build")
+        return self._after_build("build", result)
 
     # -- reload
 
@@ -79,7 +101,11 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
     @with_argparser(_reload_parser)
     def do_reload(self, _args: argparse.Namespace) -> bool:
         """Rebuild with the same options and restart the interactive process on the result."""
-        return self._after_build("reload", self._cmd.ws.reload())
+        try:
+            result = self._cmd.ws.reload()
+        except KeyboardInterrupt:
+            return self._cancelled("reload")
+        return self._after_build("reload", result)
 
     # -- rollback
 
@@ -114,3 +140,11 @@ def _add_address_arguments(parser: MonitorParser) -> None:
     parser.add_argument(
         "--tlsservername", metavar="NAME", help="server name expected in BuildKit's certificate"
     )
+
+
+def _echoes(stream: TextIO) -> bool:
+    """Tell whether `stream` is a terminal that echoes typed keys (so it showed ^C)."""
+    try:
+        return bool(termios.tcgetattr(stream.fileno())[3] & termios.ECHO)
+    except (OSError, ValueError, termios.error):
+        return False

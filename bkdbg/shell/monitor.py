@@ -233,7 +233,9 @@ class Monitor(cmd2.Cmd):
         current = self.ws.current
         status = current.exit_status(current.last_exit) if current else 0
         if current is not None and status != current.last_exit:
-            self.perror(f"bkdbg: the last build failed, so bkdbg exits with status {status}")
+            self.perror(
+                f"bkdbg: the last build did not succeed, so bkdbg exits with status {status}"
+            )
         self.ws.leave(end_session=True)
         return self.stop_with(status)
 

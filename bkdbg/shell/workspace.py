@@ -172,13 +172,31 @@ class Workspace:
         goes_on: bool = False,
     ) -> BuildDone:
         renderer = make_renderer(progress, self.err_stream)
-        done = follow_build(events, renderer)
+        try:
+            done = follow_build(events, renderer)
+        except KeyboardInterrupt:
+            # Ctrl-C cancels the build, as in buildx, rather than leaving it running
+            self._cancel_build(current)
+            raise
         self.expected.add("build-finished", done.process_id)
         print_result(done, self.err_stream, goes_on=goes_on)
         current.build_failed = not done.ok or bool(done.error)
         if done.process_id:
             self._started(current, done.process_id, interactive=True)
         return done
+
+    def _cancel_build(self, current: Current) -> None:
+        # the caller reports the cancel, so the server's build-finished event is not news
+        self.expected.add("build-finished", "")
+        cancelled = False
+        try:
+            cancelled = current.client.cancel_build()
+        except BkdbgError as exc:
+            logger.warning("cancelling the build of server %s failed: %s", current.instance_id, exc)
+        if cancelled:
+            current.build_failed = True
+        else:
+            self.expected.take("build-finished", "")
 
     def _started(self, current: Current, process_id: str, *, interactive: bool) -> None:
         self.expected.add("process-started", process_id)
