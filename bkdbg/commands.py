@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +22,9 @@ from typing import TYPE_CHECKING
 from bkdbg import __version__
 from bkdbg.daemon.backend import FirstBuild, Terminal
 from bkdbg.daemon.launcher import StartingServer, start_early
-from bkdbg.errors import BkdbgError, ProcessExit, UsageError
+from bkdbg.errors import BkdbgError, UsageError, report_error
 from bkdbg.options import parse_choice, parse_duration
+from bkdbg.shell import verbs
 from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_config
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def _server_commands(
         description="List the servers under the root, oldest first. A * in CURRENT marks "
         "the newest server, which bkdbg attach without an ID picks.",
     )
-    listing.set_defaults(handler=_run_list)
+    listing.set_defaults(handler=verbs.run_list)
 
     kill = sub.add_parser(
         "kill",
@@ -151,7 +151,7 @@ def _server_commands(
     )
     kill.add_argument("ids", metavar="ID", nargs="*", help="server ids (default: the only server)")
     kill.add_argument("--all", action="store_true", help="stop every server")
-    kill.set_defaults(handler=_run_kill)
+    kill.set_defaults(handler=verbs.run_kill)
 
     disconnect = sub.add_parser(
         "disconnect",
@@ -162,7 +162,7 @@ def _server_commands(
     disconnect.add_argument(
         "id", metavar="ID", nargs="?", help="server id (default: the only server)"
     )
-    disconnect.set_defaults(handler=_run_disconnect)
+    disconnect.set_defaults(handler=verbs.run_disconnect)
 
 
 def _other_commands(
@@ -409,59 +409,8 @@ def _wait_for_build(ws: Workspace, current: Current) -> None:
     current.build_failed = failed_state(info.build_state)
 
 
-def _run_list(_args: argparse.Namespace, ws: Workspace) -> int:
-    from bkdbg.daemon.spare import ping
-    from bkdbg.shell import servers
-
-    for line in servers.list_lines(ws):
-        print(line)
-    if (pid := ping(ws.root)) is not None:
-        print(f"a spare server (pid {pid}) waits for the next bkdbg build here: "
-              "bkdbg kill --all stops it")
-    return 0
-
-
-def _only_instance(ws: Workspace, verb: str) -> str:
-    from bkdbg.shell import servers
-
-    rows = servers.instance_rows(ws)
-    if len(rows) == 1:
-        return rows[0].instance_id
-    if not rows:
-        raise UsageError(f"no bkdbg server is running under {ws.root}: nothing to {verb}")
-    ids = ", ".join(row.instance_id for row in rows)
-    raise UsageError(f"{len(rows)} servers are running ({ids}): give an ID to {verb}")
-
-
-def _run_kill(args: argparse.Namespace, ws: Workspace) -> int:
-    from bkdbg.daemon.spare import stop_spare
-    from bkdbg.shell import servers
-
-    if args.all:
-        ids = [row.instance_id for row in servers.instance_rows(ws)]
-        if (pid := stop_spare(ws.root)) is not None:
-            print(f"killed the spare server (pid {pid})")
-    else:
-        ids = args.ids or [_only_instance(ws, "kill")]
-    status = 0
-    for instance_id in ids:
-        # one server that cannot be killed must not spare the others named after it
-        try:
-            print(servers.kill(ws, instance_id))
-        except BkdbgError as exc:
-            status = _report(exc, ws.debug)
-    return status
-
-
-def _run_disconnect(args: argparse.Namespace, ws: Workspace) -> int:
-    from bkdbg.shell import servers
-
-    instance_id = args.id or _only_instance(ws, "disconnect")
-    print(servers.disconnect(ws, instance_id))
-    return 0
-
-
 def _run_info(args: argparse.Namespace, _ws: Workspace) -> int:
+    """Print the client's version and BuildKit's address, version and workers."""
     from bkdbg.gateway.address import TLSOptions
     from bkdbg.gateway.connection import connect
     from bkdbg.gateway.info import buildkit_info, format_info
@@ -494,13 +443,6 @@ def _expand_bool_flags(argv: list[str]) -> list[str]:
     `--detach CONTEXT` as the value CONTEXT.
     """
     return [word for arg in argv for word in (["--detach", "true"] if arg == "--detach" else [arg])]
-
-
-def _report(exc: BkdbgError, debug: bool) -> int:
-    if debug:
-        traceback.print_exception(exc)
-    print(f"bkdbg: error: {exc}", file=sys.stderr)
-    return exc.code if isinstance(exc, ProcessExit) else 1
 
 
 def _cleanup(ws: Workspace | None) -> None:
@@ -539,7 +481,7 @@ def _run(args_list: list[str], early: StartingServer | None) -> int:
         return handler(args, ws)
     except BkdbgError as exc:
         logger.info("bkdbg %s failed: %s", args.command, exc)
-        return _report(exc, args.debug)
+        return report_error(exc, args.debug)
     except KeyboardInterrupt:
         _cleanup(ws)
         print(file=sys.stderr)

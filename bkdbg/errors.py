@@ -22,6 +22,8 @@ message reads ``<what failed>: <value>: <what to do>``; the CLI prefixes ``bkdbg
 
 from __future__ import annotations
 
+import sys
+import traceback
 from dataclasses import dataclass, field
 
 
@@ -121,3 +123,14 @@ class VersionMismatch(ServerError):
 
 class NotAttached(ServerError):
     """Raised when a request needs a process or container that the server does not have."""
+
+
+def report_error(exc: BkdbgError, debug: bool) -> int:
+    """Print `exc` as one `bkdbg: error:` line (after its traceback with `debug`).
+
+    Returns the exit status: the process's for a ProcessExit, else 1.
+    """
+    if debug:
+        traceback.print_exception(exc)
+    print(f"bkdbg: error: {exc}", file=sys.stderr)
+    return exc.code if isinstance(exc, ProcessExit) else 1

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bkdbg import cli, commands
+from bkdbg import cli
 from bkdbg.daemon import launcher
 from bkdbg.errors import ServerError
+from bkdbg.shell import verbs
 from tests.test_daemon_support import REPO_ROOT, fake_server_command
 
 TIMEOUT = 30
@@ -285,7 +286,7 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
     def interrupted(args, ws):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands, "_run_list", interrupted)
+    monkeypatch.setattr(verbs, "run_list", interrupted)
     assert cli.main(["list"]) == 130
 
 
@@ -293,7 +294,7 @@ def test_bug_is_not_hidden(monkeypatch):
     def broken(args, ws):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(commands, "_run_list", broken)
+    monkeypatch.setattr(verbs, "run_list", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["list"])
 
