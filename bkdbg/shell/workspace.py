@@ -180,7 +180,7 @@ class Workspace:
             raise
         self.expected.add("build-finished", done.process_id)
         print_result(done, self.err_stream, goes_on=goes_on)
-        current.build_failed = not done.ok or bool(done.error)
+        current.build_failed = not done.ok
         if done.process_id:
             self._started(current, done.process_id, interactive=True)
         return done
