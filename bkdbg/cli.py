@@ -11,10 +11,34 @@ exception is a bug and shows its traceback. Usage errors from argparse exit 2.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 SERVER_COMMAND = "__server"
+
+
+class DeferredInterrupt:
+    """Holds Ctrl-C back while bkdbg claims or starts its server and imports its commands.
+
+    A KeyboardInterrupt raised there would skip the cleanup that stops that server, and
+    print a traceback. `resume` restores the handler and raises the held interrupt where
+    the cleanup runs.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = signal.signal(signal.SIGINT, self._hold)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+
+    def resume(self) -> None:
+        """Restore the previous SIGINT handler; raise KeyboardInterrupt if Ctrl-C came."""
+        signal.signal(signal.SIGINT, self._previous)
+        if self.received:
+            raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_main(args_list[1:])
 
+    deferred = DeferredInterrupt()
     from bkdbg.daemon.early import claim_early
 
     claimed = claim_early(args_list)
     from bkdbg.commands import run
 
-    return run(args_list, claimed)
+    return run(args_list, claimed, deferred)

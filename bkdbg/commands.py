@@ -30,6 +30,7 @@ from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_confi
 if TYPE_CHECKING:
     # imported in functions: it pulls in grpc and the daemon client, about 65 ms, and
     # `bkdbg build` starts its server before that
+    from bkdbg.cli import DeferredInterrupt
     from bkdbg.daemon.client import DaemonClient
     from bkdbg.daemon.early import EarlyClaim
     from bkdbg.options import BuildOptions
@@ -44,6 +45,7 @@ ADDR_HELP = (
 )
 _OWN_HANDLER = "_bkdbg_client_log"  # marks the log handler that configure_logging added
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE, as a shell reports it
 Handler = Callable[[argparse.Namespace, "Workspace"], int]
 
 
@@ -445,8 +447,16 @@ def _expand_bool_flags(argv: list[str]) -> list[str]:
     return [word for arg in argv for word in (["--detach", "true"] if arg == "--detach" else [arg])]
 
 
+def _silence_output() -> None:
+    """Point stdout and stderr at /dev/null, so that no later write or flush fails."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _cleanup(ws: Workspace | None) -> None:
-    """End the session of a server this client started and is leaving on Ctrl-C."""
+    """End the session of a server this client started and is leaving early."""
     if ws is None or ws.current is None or ws.current.instance_id not in ws.launched:
         return
     try:
@@ -455,13 +465,27 @@ def _cleanup(ws: Workspace | None) -> None:
         logger.warning("ending the session after Ctrl-C failed: %s", exc)
 
 
-def run(args_list: list[str], claimed: EarlyClaim | None = None) -> int:
-    """Run bkdbg's command `args_list`, with the spare server `claimed` for a build."""
+def run(
+    args_list: list[str],
+    claimed: EarlyClaim | None = None,
+    deferred: DeferredInterrupt | None = None,
+) -> int:
+    """Run bkdbg's command `args_list`, with the spare server `claimed` for a build.
+
+    `deferred` holds a Ctrl-C that came before the server was started; it is raised here,
+    where the server is stopped again.
+    """
     # a detached build starts its server first, so that the server starts up while this
     # client imports the shell and checks the command line
     early = start_early(args_list, first_build, claimed)
     try:
+        if deferred is not None:
+            deferred.resume()
         return _run(args_list, early)
+    except KeyboardInterrupt:
+        # before _run's own handler: while the command line was parsed
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         # every path that did not connect to it, argparse's exit and Ctrl-C included
         if early is not None:
@@ -486,3 +510,9 @@ def _run(args_list: list[str], early: StartingServer | None) -> int:
         _cleanup(ws)
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of the progress went away (`2>&1 | head`): end the session as for
+        # a closed stdout, and exit as a shell reports a writer without a reader
+        _silence_output()
+        _cleanup(ws)
+        return EXIT_OUTPUT_CLOSED

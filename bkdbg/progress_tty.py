@@ -27,6 +27,21 @@ from bkdbg.progress import (
 )
 
 
+class _Console(Console):
+    """A rich Console that reports a closed stream as BrokenPipeError.
+
+    rich's own handling raises SystemExit(1), which would end bkdbg without the cleanup
+    that ends its session; in rich's refresh thread it would end only that thread.
+    """
+
+    broken = False
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # no further writes
+        self.broken = True
+        raise BrokenPipeError
+
+
 class TtyRenderer(LockedRenderer):
     """Draws a live view of the steps with rich, and leaves a compact summary when closed.
 
@@ -45,7 +60,7 @@ class TtyRenderer(LockedRenderer):
         self._cancelled = False
         # str cells are plain text. Without markup and emoji codes, rich also does not
         # import its emoji table before the first progress line.
-        self._console = Console(
+        self._console = _Console(
             file=stream, force_terminal=True, highlight=False, markup=False, emoji=False
         )
         self._live = Live(
@@ -60,6 +75,8 @@ class TtyRenderer(LockedRenderer):
         self._live.start()
 
     def _render(self, events: list[ProgressEvent]) -> None:
+        if self._console.broken:
+            raise BrokenPipeError  # seen by rich's refresh thread
         with self._state_lock:
             for event in events:
                 self._apply(event)
@@ -81,6 +98,8 @@ class TtyRenderer(LockedRenderer):
         finally:
             if self._restore_echo is not None:
                 self._restore_echo()
+        if self._console.broken:
+            raise BrokenPipeError
 
     def _live_view(self) -> RenderableType:
         with self._state_lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -280,6 +281,25 @@ def test_debug_shows_traceback(capsys, root):
     assert status == 1
     assert err[0] == "Traceback (most recent call last):"
     assert err[-1] == f"bkdbg: error: no bkdbg server with id deadbeef: {root}: run bkdbg list"
+
+
+def test_deferred_interrupt_raised_on_resume():
+    deferred = cli.DeferredInterrupt()
+    signal.raise_signal(signal.SIGINT)  # held back: no KeyboardInterrupt here
+
+    assert deferred.received
+    with pytest.raises(KeyboardInterrupt):
+        deferred.resume()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_deferred_interrupt_quiet_without_ctrl_c():
+    deferred = cli.DeferredInterrupt()
+
+    deferred.resume()
+
+    assert not deferred.received
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_exits_130(monkeypatch, capsys):

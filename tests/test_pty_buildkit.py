@@ -236,6 +236,25 @@ def test_pipe_reader_gone_ends_session(context, env, root):
     assert wait_no_instances(root) == []
 
 
+@pytest.mark.parametrize("progress", ["plain", "tty"])
+def test_progress_reader_gone_ends_session(progress, context, env, root):
+    # `bkdbg ... 2>&1 | head -c 5`: the progress loses its reader before the shell starts
+    bkdbg = subprocess.Popen(
+        [*BKDBG, "build", "--progress", progress, "--invoke", "sh", str(context)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert bkdbg.stdin is not None and bkdbg.stderr is not None
+    assert len(bkdbg.stderr.read(5)) == 5
+    bkdbg.stderr.close()
+    bkdbg.stdin.write(b"sleep 5\n")  # keeps the shell, if it started, from ending first
+    bkdbg.stdin.close()
+    assert bkdbg.wait(BUILD_TIMEOUT) == 128 + signal.SIGPIPE
+    assert wait_no_instances(root) == []
+
+
 def test_missing_command(context, env, root):
     result = subprocess.run(
         [*BKDBG, "build", "--progress", "quiet", "--invoke", "no-such-cmd", str(context)],

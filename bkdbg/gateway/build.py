@@ -156,7 +156,7 @@ class GatewayBuild:
         """Raise BuildCancelled if cancel() ran before the calls it cancels existed."""
         if self._cancelled:
             self._cancel_calls()
-            raise BuildCancelled(f"build cancelled: {self.ref}: nothing is left running")
+            raise BuildCancelled(f"build cancelled: {self.ref}")
 
     def _start(self) -> None:
         assert self._setup is not None
@@ -240,7 +240,7 @@ class GatewayBuild:
         try:
             response: gateway_pb2.SolveResponse = self._bridge_solve.result()
         except grpc.FutureCancelledError as exc:
-            raise BuildCancelled(f"build cancelled: {self.ref}: nothing is left running") from exc
+            raise BuildCancelled(f"build cancelled: {self.ref}") from exc
         except grpc.RpcError as exc:
             raise self._solve_error(exc) from exc
         result = build_result(response.result, self.options.platforms)
@@ -254,7 +254,7 @@ class GatewayBuild:
     def _solve_error(self, exc: grpc.RpcError) -> BkdbgError:
         code = exc.code()
         if self._cancelled or code == grpc.StatusCode.CANCELLED:
-            return BuildCancelled(f"build cancelled: {self.ref}: nothing is left running")
+            return BuildCancelled(f"build cancelled: {self.ref}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return self._map_error(exc, "LLBBridge.Solve")
         details = error_details(exc)
@@ -296,7 +296,7 @@ class GatewayBuild:
 
     def _map_error(self, exc: grpc.RpcError, method: str) -> BkdbgError:
         if self._cancelled:
-            return BuildCancelled(f"build cancelled: {self.ref}: nothing is left running")
+            return BuildCancelled(f"build cancelled: {self.ref}")
         return self._conn.map_error(exc, method)
 
     # ------------------------------------------------------------------ end
@@ -349,7 +349,10 @@ class GatewayBuild:
         self._cancel_calls()
 
     def _cancel_calls(self) -> None:
-        # cancelling Control.Solve makes BuildKit discard the job and stop its running steps
+        # Cancelling Control.Solve makes BuildKit discard the job and stop its running steps.
+        # NOTE: the BuildKit in Docker Engine 26.1.5 misses a cancel that comes while a RUN
+        # step's process starts, and that step then runs to its end. Seen here with Ctrl-C
+        # about 0.1 s into a build; moby/buildkit#5106 (July 2024) fixed it upstream.
         for call in (self._bridge_solve, self._control_solve, self._status_call):
             if call is not None:
                 call.cancel()
