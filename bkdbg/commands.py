@@ -281,6 +281,7 @@ def make_workspace(args: argparse.Namespace) -> Workspace:
 def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     from bkdbg.daemon.spare import parse_spare_setting
     from bkdbg.shell import session
+    from bkdbg.shell.buildview import UNREACHABLE
 
     detach = parse_choice(args.detach, "--detach", ("true", "false")) == "true"
     idle_timeout = parse_duration(args.server_idle_timeout, "--server-idle-timeout")
@@ -298,7 +299,8 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
         if ws.local.interactive:
             return session.interactive(ws, result.process_id)
         return session.run_piped(ws, result.process_id)
-    if result.error and to_monitor:
+    # a BuildKit that cannot be reached has no build to fix and reload, as in buildx
+    if result.error and to_monitor and result.error_kind != UNREACHABLE:
         return session.interactive(ws, "")
     if result.error:
         ws.say(f"bkdbg: error: {result.error}")
@@ -439,12 +441,18 @@ def _run_script(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 def _expand_bool_flags(argv: list[str]) -> list[str]:
-    """Turn `--detach` into `--detach true`, so that it never takes the next word as its value.
+    """Turn a bare `--detach` into `--detach true`, so that it never takes CONTEXT as a value.
 
     buildx's boolean flags take a value only as `--detach=false`; argparse would read
-    `--detach CONTEXT` as the value CONTEXT.
+    `--detach CONTEXT` as the value CONTEXT. `--detach true` and `--detach false`, as the
+    help's `--detach BOOL` reads, keep their value.
     """
-    return [word for arg in argv for word in (["--detach", "true"] if arg == "--detach" else [arg])]
+    expanded: list[str] = []
+    for index, arg in enumerate(argv):
+        expanded.append(arg)
+        if arg == "--detach" and argv[index + 1 : index + 2] not in (["true"], ["false"]):
+            expanded.append("true")
+    return expanded
 
 
 def _silence_output() -> None:
@@ -472,8 +480,8 @@ def run(
 ) -> int:
     """Run bkdbg's command `args_list`, with the spare server `claimed` for a build.
 
-    `deferred` holds a Ctrl-C that came before the server was started; it is raised here,
-    where the server is stopped again.
+    `deferred` contains a Ctrl-C that came before the server was started. It is raised
+    here, where the server is stopped again.
     """
     # a detached build starts its server first, so that the server starts up while this
     # client imports the shell and checks the command line

@@ -31,7 +31,7 @@ class _Console(Console):
     """A rich Console that reports a closed stream as BrokenPipeError.
 
     rich's own handling raises SystemExit(1), which would end bkdbg without the cleanup
-    that ends its session; in rich's refresh thread it would end only that thread.
+    that ends its session. In rich's refresh thread it would end only that thread.
     """
 
     broken = False
@@ -94,7 +94,9 @@ class TtyRenderer(LockedRenderer):
             self._live.stop()
             with self._state_lock:
                 self._cancelled = cancelled
-                self._console.print(self._view(finished=True, ok=ok))
+                # no step means no build to sum up (BuildKit was not reached, say)
+                if self._trace.steps:
+                    self._console.print(self._view(finished=True, ok=ok))
         finally:
             if self._restore_echo is not None:
                 self._restore_echo()

@@ -407,12 +407,13 @@ def test_missing_command_one_line(context, root):
     assert instances(root) == []
 
 
-def test_detach_false_runs_server_in_process(context, root, monkeypatch, capsys):
+@pytest.mark.parametrize("flag", [["--detach=false"], ["--detach", "false"]])
+def test_detach_false_runs_server_in_process(flag, context, root, monkeypatch, capsys):
     from bkdbg.daemon import main as daemon_main
     from tests.test_daemon_support import FakeBackend
 
     monkeypatch.setattr(daemon_main, "default_backend", FakeBackend)
-    status, _ = run_main(["build", "--detach=false", "--progress", "quiet", str(context)], capsys)
+    status, _ = run_main(["build", *flag, "--progress", "quiet", str(context)], capsys)
     assert status == 0
     assert instances(root) == []
 

@@ -253,6 +253,11 @@ def test_non_run_failure_on_terminal(kind, make_context, addr, env, root):
             # BuildKit gave the state of the last good step, so the shell runs there
             assert run_in_shell(term, "cat /early", "m1") == "early\n"
             to_monitor(term)
+        if index == 1:
+            # no RUN step failed, so there is no failed state to roll back to
+            term.sendline("rollback")
+            term.expect_exact("failed before a RUN step ran: fix the context and run reload")
+            term.expect_exact(MONITOR_PROMPT)
         if index < 2:
             term.sendline("ps")
             term.expect_exact(MONITOR_PROMPT)

@@ -189,7 +189,7 @@ def test_ctrl_c_cancels_reload(context, env, root):
         term.sendline("reload")
         term.expect_exact(f"ran-42-{run_id}", timeout=BUILD_TIMEOUT)
         term.sendcontrol("c")
-        term.expect_exact("reload: cancelled with Ctrl-C: reload builds again", timeout=10)
+        term.expect_exact("reload: cancelled with Ctrl-C: type reload to build again", timeout=10)
         term.expect_exact(MONITOR_PROMPT)
         final = term.output.rsplit("(bkdbg) reload", 1)[1]
 
@@ -252,6 +252,23 @@ def test_progress_reader_gone_ends_session(progress, context, env, root):
     bkdbg.stdin.write(b"sleep 5\n")  # keeps the shell, if it started, from ending first
     bkdbg.stdin.close()
     assert bkdbg.wait(BUILD_TIMEOUT) == 128 + signal.SIGPIPE
+    assert wait_no_instances(root) == []
+
+
+def test_unreachable_buildkit_on_terminal(context, env, root, tmp_path):
+    address = f"unix://{tmp_path}/no-buildkit.sock"
+    argv = [*BKDBG, "--addr", address, "build", "--invoke", "sh", str(context)]
+    with spawn_pty(argv, env=env) as term:
+        status = term.close()
+
+    # one line, and no monitor: there is no build to fix and reload (the live view's
+    # frame is in the output too, but erased on the screen)
+    errors = [line for line in term.output.splitlines() if "cannot reach BuildKit" in line]
+    assert status == 1
+    assert len(errors) == 1, term.output
+    assert errors[0].startswith(f"bkdbg: error: cannot reach BuildKit: tried {address}")
+    assert "FAILED" not in term.output
+    assert MONITOR_PROMPT not in term.output
     assert wait_no_instances(root) == []
 
 

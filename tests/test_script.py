@@ -106,6 +106,21 @@ def test_stops_at_first_failure(ws, tmp_path, context, capfd):
     assert "later" not in out
 
 
+def test_unclosed_quote_stops_script(ws, tmp_path, context, capfd):
+    path = write_script(
+        tmp_path, f'build --invoke sh {context}\nexec sh -c "echo unclosed\nexec cat /hello\n'
+    )
+
+    assert run_script(ws, str(path)) == 1
+
+    out, err = capfd.readouterr()
+    assert error_lines(err) == [
+        f"{path}:2: exec: invalid line: No closing quotation: close the quote"
+    ]
+    assert "Invalid syntax" not in err
+    assert "out" not in out.splitlines()  # the line after it did not run
+
+
 def test_keep_going_runs_every_line(ws, tmp_path, context, capfd):
     path = write_script(tmp_path, f"build {context}\nfrobnicate\nrollback --bogus\nps\n")
     assert run_script(ws, str(path), keep_going=True) == 1

@@ -264,6 +264,11 @@ class Session:
                     "rollback --init needs a failed build: the last build succeeded: "
                     "use rollback without --init"
                 )
+            if state == FAILED and not handle.can_debug_failure():
+                raise NotAttached(
+                    f"no state to roll back to in bkdbg server {self.instance_id}: the build "
+                    "failed before a RUN step ran: fix the context and run reload"
+                )
             if state == BUILT:
                 target = STATE_RESULT
             else:
@@ -282,7 +287,11 @@ class Session:
             self._check_open()
             with self._lock:
                 handle, container, state = self._build, self._container, self._container_state
-            if handle is None or container is None:
+            if handle is None:
+                raise NotAttached(
+                    f"no build result in bkdbg server {self.instance_id}: run build or reload first"
+                )
+            if container is None:
                 raise NotAttached(
                     f"no container runs in bkdbg server {self.instance_id}: "
                     "start one with rollback, or build with --invoke"

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 10  # log lines of the failed step repeated under its block
 RULE = "-" * 20
+UNREACHABLE = "BuildkitUnreachable"  # BuildDone.error_kind when BuildKit was not reached
 
 
 def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
@@ -108,5 +109,10 @@ def print_result(result: BuildDone, out: TextIO, *, goes_on: bool = False) -> No
 
 
 def error_shown(result: BuildDone, goes_on: bool) -> bool:
-    """Return True if print_result already printed the result's error."""
+    """Return True if print_result already printed the result's error.
+
+    An unreachable BuildKit ends the session even where a failure would go on.
+    """
+    if result.error_kind == UNREACHABLE:
+        return False
     return bool(result.error) and (goes_on or bool(result.process_id))

@@ -35,7 +35,7 @@ class BuildCommands(cmd2.CommandSet[Monitor]):
         raise KeyboardInterrupt
 
     def _cancelled(self, command: str) -> bool:
-        self._cmd.fail(command, "cancelled with Ctrl-C: reload builds again")
+        self._cmd.fail(command, "cancelled with Ctrl-C: type reload to build again")
         return False
 
     def _after_build(self, command: str, result: BuildDone) -> bool:

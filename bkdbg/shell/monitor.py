@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import os
+import shlex
 import threading
 from pathlib import Path
 from typing import Any, NoReturn
@@ -194,6 +195,33 @@ class Monitor(cmd2.Cmd):
         """Report a failed command as `<command>: <message>` and mark it failed."""
         self.failed = True
         self.perror(f"{self.error_prefix}{command}: {message}")
+
+    def onecmd_plus_hooks(
+        self,
+        line: str,
+        *,
+        add_to_history: bool = True,
+        raise_keyboard_interrupt: bool = False,
+        py_bridge_call: bool = False,
+    ) -> bool:
+        """Run one line; a line whose quotes do not close fails as `<command>: <message>`.
+
+        cmd2 prints its own `Invalid syntax` line for such a line, without the command
+        or a script's `FILE:LINE:`, and without marking it failed, so a script went on.
+        """
+        try:
+            # the same split as cmd2's statement parser (shlex, not POSIX mode)
+            shlex.split(line, comments=False, posix=False)
+        except ValueError as exc:
+            words = line.split(maxsplit=1)
+            self.fail(words[0] if words else "", f"invalid line: {exc}: close the quote")
+            return False
+        return super().onecmd_plus_hooks(
+            line,
+            add_to_history=add_to_history,
+            raise_keyboard_interrupt=raise_keyboard_interrupt,
+            py_bridge_call=py_bridge_call,
+        )
 
     def onecmd(self, statement: Statement | str, *, add_to_history: bool = True) -> bool:
         """Run one command; a BkdbgError becomes a `<command>: <message>` line."""
