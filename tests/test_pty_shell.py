@@ -248,6 +248,23 @@ def test_second_client_takes_over(root, context):
         assert first.close() == 0
 
 
+def test_disconnect_ends_monitor_client(root, context):
+    with shell(root, context) as term:
+        term.expect_exact(SHELL_PROMPT)
+        (instance_id,) = instances(root)
+        term.sendcontrol("a")
+        term.send("c")
+        term.expect_exact(MONITOR_PROMPT)
+
+        result = fake_bkdbg("disconnect", instance_id)
+
+        assert result.stdout.strip() == f"disconnected 1 client from server {instance_id}"
+        term.expect_exact(f"bkdbg attach {instance_id} returns")
+        assert term.close() == 0
+    # the server keeps running for the next attach
+    assert instances(root) == [instance_id]
+
+
 def test_server_killed_while_attached(root, context, fake_program):
     command = fake_program
     script = (

@@ -134,6 +134,7 @@ class Monitor(cmd2.Cmd):
         self._watcher: EventWatcher | None = None
         self._idle = threading.Event()
         self._lost = ""
+        self._lost_status = 1
         self.register_precmd_hook(self._before_command)
         self.register_postcmd_hook(self._after_command)
         ws.switch_listeners.append(self._on_switch)
@@ -316,6 +317,10 @@ class Monitor(cmd2.Cmd):
         self._idle.wait()
         if self.ws.expected.take(event.kind, event.process_id):
             return
+        if event.kind == "disconnected":
+            # the server dropped this client, as it does an attached one, which exits
+            self._leave_prompt(self._event_line(event), status=0)
+            return
         self.add_alert(msg=self._event_line(event))
 
     def _event_line(self, event: Any) -> str:
@@ -337,7 +342,12 @@ class Monitor(cmd2.Cmd):
         return f"{line}; {NEXT_STEPS}" if process.id == current.process_id else line
 
     def _on_lost(self, instance_id: str, reason: str) -> None:
-        self._lost = f"lost the connection to server {instance_id}: {reason}"
+        if not self._lost:  # a disconnect ends the event stream too, after its own line
+            self._leave_prompt(f"lost the connection to server {instance_id}: {reason}", 1)
+
+    def _leave_prompt(self, line: str, status: int) -> None:
+        """End the prompt from a background thread; bkdbg prints `line` and exits `status`."""
+        self._lost, self._lost_status = line, status
         app = self.main_session.app
         if app.is_running and app.loop is not None:
             # leave the prompt as if Ctrl-D was typed; do__eof then reports it
@@ -348,7 +358,7 @@ class Monitor(cmd2.Cmd):
         current = self.ws.current
         if current is not None:
             self.ws.forget(current.instance_id)
-        return self.stop_with(1)
+        return self.stop_with(self._lost_status)
 
     # -- completion cache
 
