@@ -323,7 +323,8 @@ def ws(client, terminal, tmp_path) -> Workspace:
         (
             TakenOver("c2"),
             None,
-            "another client took over this session; you are at the monitor prompt",
+            "another client took over this session; you are at the monitor prompt: "
+            "attach takes it back",
         ),
         (
             Closed("the server is shutting down"),
@@ -359,7 +360,7 @@ def test_enter_reports_exit_reason(ws, client, capsys):
     assert session.enter(ws, "p1") is None
     helper.join(WAIT)
     assert capsys.readouterr().err.splitlines() == [
-        f"bkdbg: error: process p1: {reason}",
+        f"process p1: {reason}",
         "Process p1 (sh) exited with status 127; type reload, rollback, exec or exit",
     ]
 

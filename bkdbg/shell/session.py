@@ -16,7 +16,9 @@ from bkdbg.shell.workspace import Workspace
 NEXT_STEPS = "type reload, rollback, exec or exit"
 DISCONNECTED_PREFIX = "disconnected by client "  # the reason of `bkdbg disconnect`
 EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a writer without reader
-TAKEN_OVER_LINE = "another client took over this session; you are at the monitor prompt"
+TAKEN_OVER_LINE = (
+    "another client took over this session; you are at the monitor prompt: attach takes it back"
+)
 
 
 def detach_hint(instance_id: str) -> str:
@@ -56,8 +58,9 @@ def report(ws: Workspace, outcome: AttachOutcome) -> int | None:
     instance_id = current.instance_id if current else "?"
     if outcome.end is AttachEnd.EXITED:
         if outcome.message:
-            # the server's message gives the reason (released, command not found)
-            ws.say(f"bkdbg: error: process {outcome.process_id}: {outcome.message}")
+            # the server's message gives the reason (released, command not found); no
+            # `bkdbg: error:` prefix, because bkdbg goes on at the monitor prompt
+            ws.say(f"process {outcome.process_id}: {outcome.message}")
         ws.say(exit_line(outcome))
         return None
     if ws.local.interactive:
