@@ -3,6 +3,7 @@
 * BkdbgError - base of every error bkdbg reports to the user as one line.
     * UsageError - bad user input: an option value, a CSV form, a path, a script line.
     * BuildkitUnreachable - no BuildKit responded at any address tried.
+        * BuildkitLost - BuildKit stopped answering during a request.
     * BuildkitError - BuildKit answered with an error we do not map more precisely.
         * BuildFailed - the solve failed; carries the failed step, when BuildKit named one.
         * BuildCancelled - the solve was cancelled (Ctrl-C, kill, shutdown).
@@ -43,6 +44,10 @@ class BuildkitUnreachable(BkdbgError):
     def __init__(self, message: str, addresses: list[str] | None = None) -> None:
         super().__init__(message)
         self.addresses = addresses or []
+
+
+class BuildkitLost(BuildkitUnreachable):
+    """Raised when BuildKit stopped answering during a request (restarted, say)."""
 
 
 class BuildkitError(BkdbgError):

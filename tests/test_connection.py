@@ -25,6 +25,7 @@ from bkdbg.buildkit_proto import control_pb2, control_pb2_grpc, ops_pb2, worker_
 from bkdbg.errors import (
     BuildCancelled,
     BuildkitError,
+    BuildkitLost,
     BuildkitUnreachable,
     UsageError,
 )
@@ -396,7 +397,7 @@ class FakeCall(grpc.RpcError, grpc.Call):
     [
         (
             grpc.StatusCode.UNAVAILABLE,
-            BuildkitUnreachable,
+            BuildkitLost,
             "Control.Solve failed: BuildKit at unix:///bk.sock is unavailable (gone): "
             "check that BuildKit still runs and retry",
         ),

@@ -459,14 +459,22 @@ def test_exit_event_in_client_format(app, ws, client, monkeypatch):
     ]
 
 
-def test_disconnected_event_names_command(app, ws, monkeypatch):
+def test_disconnected_event_ends_prompt(app, ws, monkeypatch):
     alerts: list[str] = []
+    left: list[tuple[str, int]] = []
     monkeypatch.setattr(app, "add_alert", lambda msg=None, **_: alerts.append(msg))
+    monkeypatch.setattr(app, "_leave_prompt", lambda line, status: left.append((line, status)))
     app._idle.set()
+
     app._show_event(ServerEvent("disconnected", "disconnected by client c2", ""))
-    assert alerts == [
-        "disconnected by another bkdbg client (bkdbg disconnect); "
-        f"bkdbg attach {INSTANCE_ID} returns"
+
+    assert alerts == []
+    assert left == [
+        (
+            "disconnected by another bkdbg client (bkdbg disconnect); "
+            f"bkdbg attach {INSTANCE_ID} returns",
+            0,
+        )
     ]
 
 

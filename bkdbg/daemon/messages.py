@@ -174,7 +174,8 @@ class InstanceInfo:
 ERROR_CLASSES: dict[str, type[BkdbgError]] = {
     cls.__name__: cls
     for cls in (
-        errors.UsageError, errors.BuildkitUnreachable, errors.BuildkitError, errors.BuildFailed,
+        errors.UsageError, errors.BuildkitUnreachable, errors.BuildkitLost,
+        errors.BuildkitError, errors.BuildFailed,
         errors.BuildCancelled, errors.ContainerError, errors.CommandNotFound,
         errors.ServerError, errors.NotAttached,
     )

@@ -23,6 +23,7 @@ from bkdbg.errors import (
     BkdbgError,
     BuildCancelled,
     BuildkitError,
+    BuildkitLost,
     BuildkitUnreachable,
     UsageError,
 )
@@ -307,13 +308,13 @@ def map_rpc_error(exc: grpc.RpcError, what: str, address: str) -> BkdbgError:
     """Translate an RPC error from BuildKit at `address` into a `bkdbg.errors` class.
 
     `what` names the request, for example ``"Control.Solve"``. UNAVAILABLE becomes
-    BuildkitUnreachable, CANCELLED BuildCancelled, and everything else BuildkitError.
+    BuildkitLost, CANCELLED BuildCancelled, and everything else BuildkitError.
     Raise the result ``from exc``.
     """
     code = _code(exc)
     details = _details(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return BuildkitUnreachable(
+        return BuildkitLost(
             f"{what} failed: BuildKit at {address} is unavailable ({details}): "
             "check that BuildKit still runs and retry",
             [address],

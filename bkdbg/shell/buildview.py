@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 10  # log lines of the failed step repeated under its block
 RULE = "-" * 20
-UNREACHABLE = "BuildkitUnreachable"  # BuildDone.error_kind when BuildKit was not reached
+# BuildDone.error_kind when no BuildKit was reached (BuildkitLost when it went away later)
+UNREACHABLE = "BuildkitUnreachable"
 
 
 def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
