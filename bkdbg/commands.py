@@ -15,17 +15,17 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bkdbg import __version__
+from bkdbg.cliparser import Handler, build_parser, expand_bool_flags
 from bkdbg.daemon.backend import FirstBuild, Terminal
 from bkdbg.daemon.launcher import StartingServer, start_early
 from bkdbg.errors import BkdbgError, UsageError, report_error
 from bkdbg.options import parse_choice, parse_duration
 from bkdbg.shell import verbs
-from bkdbg.shell.buildflags import add_build_arguments, build_options, tls_config
+from bkdbg.shell.buildflags import build_options, tls_config
 
 if TYPE_CHECKING:
     # imported in functions: it pulls in grpc and the daemon client, about 65 ms, and
@@ -38,173 +38,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ADDR_HELP = (
-    "BuildKit address: unix:///PATH, tcp://HOST:PORT, docker://[unix:///PATH] (the BuildKit "
-    "in a Docker Engine) or docker-container://NAME (default: $BUILDKIT_HOST, else "
-    "unix:///run/buildkit/buildkitd.sock, else the Docker Engine)"
-)
 _OWN_HANDLER = "_bkdbg_client_log"  # marks the log handler that configure_logging added
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE, as a shell reports it
-Handler = Callable[[argparse.Namespace, "Workspace"], int]
-
-
-# ---------------------------------------------------------------- parser
-
-
-def _add_global_flags(parser: argparse.ArgumentParser, default: object) -> None:
-    """Add the global flags; subcommands get `default` SUPPRESS so the main value stays."""
-
-    def value(normal: object) -> object:
-        return normal if default is None else default
-
-    parser.add_argument(
-        "--addr", metavar="ADDRESS", default=value(os.environ.get("BUILDKIT_HOST")), help=ADDR_HELP
-    )
-    parser.add_argument(
-        "--tlscacert",
-        metavar="FILE",
-        default=value(None),
-        help="CA certificate for TLS (tcp:// only)",
-    )
-    parser.add_argument(
-        "--tlscert", metavar="FILE", default=value(None), help="client certificate for TLS"
-    )
-    parser.add_argument("--tlskey", metavar="FILE", default=value(None), help="client key for TLS")
-    parser.add_argument(
-        "--tlsservername",
-        metavar="NAME",
-        default=value(None),
-        help="server name expected in BuildKit's certificate",
-    )
-    parser.add_argument(
-        "--root",
-        metavar="DIR",
-        default=value(os.environ.get("BKDBG_ROOT")),
-        help="directory of the servers' sockets, pid files and logs (default: $BKDBG_ROOT, "
-        "else the user runtime dir, else the user data dir)",
-    )
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        default=value(False),
-        help="show tracebacks, and log at DEBUG level to the client and server log files",
-    )
-
-
-def _build_command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    parser = sub.add_parser(
-        "build",
-        parents=[common],
-        help="build a context and debug the result",
-        description="Build CONTEXT in a new detached server; with --invoke, attach the "
-        "terminal to a process in a container on the result.",
-    )
-    add_build_arguments(parser)
-    parser.add_argument(
-        "--detach",
-        metavar="BOOL",
-        default="true",
-        help="--detach=false runs the server inside this process, for debugging bkdbg "
-        "itself (default: true, a detached server process)",
-    )
-    parser.add_argument(
-        "--server-idle-timeout",
-        metavar="DURATION",
-        default="",
-        help="stop the server after it had no client and no running process for DURATION "
-        "(e.g. 30s, 10m, 1h; default: never)",
-    )
-    parser.set_defaults(handler=_run_build)
-
-
-def _server_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    attach = sub.add_parser(
-        "attach",
-        parents=[common],
-        help="reattach the terminal to a server",
-        description="Reattach to a server's interactive process (output printed meanwhile "
-        "is replayed), or open its monitor when no process runs.",
-    )
-    attach.add_argument(
-        "id", metavar="ID", nargs="?", help="server id (default: the only or newest server)"
-    )
-    attach.set_defaults(handler=_run_attach)
-
-    listing = sub.add_parser(
-        "list",
-        parents=[common],
-        help="list the servers",
-        description="List the servers under the root, oldest first. A * in CURRENT marks "
-        "the newest server, which bkdbg attach without an ID picks.",
-    )
-    listing.set_defaults(handler=verbs.run_list)
-
-    kill = sub.add_parser(
-        "kill",
-        parents=[common],
-        help="stop servers",
-        description="Stop servers at once: release their containers, cancel their builds "
-        "and remove their directories. --all stops the spare server too.",
-    )
-    kill.add_argument("ids", metavar="ID", nargs="*", help="server ids (default: the only server)")
-    kill.add_argument("--all", action="store_true", help="stop every server")
-    kill.set_defaults(handler=verbs.run_kill)
-
-    disconnect = sub.add_parser(
-        "disconnect",
-        parents=[common],
-        help="disconnect every client from a server",
-        description="Disconnect every client from a server; the server keeps running.",
-    )
-    disconnect.add_argument(
-        "id", metavar="ID", nargs="?", help="server id (default: the only server)"
-    )
-    disconnect.set_defaults(handler=verbs.run_disconnect)
-
-
-def _other_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    info = sub.add_parser("info", parents=[common], help="show BuildKit's version and workers")
-    info.set_defaults(handler=_run_info)
-
-    script = sub.add_parser(
-        "run-script",
-        parents=[common],
-        help="run monitor commands from a file",
-        description="Run monitor commands from FILE, one per line ('#' starts a comment). "
-        "Stops at the first failing line; exits 0 only if every command succeeded.",
-    )
-    script.add_argument("file", metavar="FILE", help="script to run")
-    script.add_argument(
-        "--keep-going", action="store_true", help="run the remaining lines after a failure"
-    )
-    script.add_argument(
-        "--attach", metavar="ID", default="", help="run against this existing server"
-    )
-    script.set_defaults(handler=_run_script)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of bkdbg's command line."""
-    parser = argparse.ArgumentParser(
-        prog="bkdbg",
-        description="Interactive debugger for BuildKit builds.",
-    )
-    parser.add_argument("--version", action="version", version=f"bkdbg {__version__}")
-    _add_global_flags(parser, None)
-    common = argparse.ArgumentParser(add_help=False)
-    _add_global_flags(common, argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _build_command(sub, common)
-    _server_commands(sub, common)
-    _other_commands(sub, common)
-    return parser
 
 
 # ---------------------------------------------------------------- setup
@@ -323,7 +159,7 @@ def first_build(argv: list[str], interactive: bool) -> FirstBuild | None:
     """
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            args = build_parser().parse_args(_expand_bool_flags(argv))
+            args = build_parser(HANDLERS).parse_args(expand_bool_flags(argv))
         if args.command != "build" or args.file == "-" or args.detach != "true":
             return None
         _check_address(args.addr)
@@ -440,19 +276,15 @@ def _run_script(args: argparse.Namespace, ws: Workspace) -> int:
 # ---------------------------------------------------------------- main
 
 
-def _expand_bool_flags(argv: list[str]) -> list[str]:
-    """Turn a bare `--detach` into `--detach true`, so that it never takes CONTEXT as a value.
-
-    buildx's boolean flags take a value only as `--detach=false`; argparse would read
-    `--detach CONTEXT` as the value CONTEXT. `--detach true` and `--detach false`, as the
-    help's `--detach BOOL` reads, keep their value.
-    """
-    expanded: list[str] = []
-    for index, arg in enumerate(argv):
-        expanded.append(arg)
-        if arg == "--detach" and argv[index + 1 : index + 2] not in (["true"], ["false"]):
-            expanded.append("true")
-    return expanded
+HANDLERS: dict[str, Handler] = {
+    "build": _run_build,
+    "attach": _run_attach,
+    "list": verbs.run_list,
+    "kill": verbs.run_kill,
+    "disconnect": verbs.run_disconnect,
+    "info": _run_info,
+    "run-script": _run_script,
+}
 
 
 def _silence_output() -> None:
@@ -502,7 +334,7 @@ def run(
 
 def _run(args_list: list[str], early: StartingServer | None) -> int:
     namespace = argparse.Namespace(early_server=early)
-    args = build_parser().parse_args(_expand_bool_flags(args_list), namespace)
+    args = build_parser(HANDLERS).parse_args(expand_bool_flags(args_list), namespace)
     configure_logging(args.debug)
     ws: Workspace | None = None
     try:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bkdbg import cli
+from bkdbg import cli, commands
 from bkdbg.daemon import launcher
 from bkdbg.errors import ServerError
-from bkdbg.shell import verbs
 from tests.test_daemon_support import REPO_ROOT, fake_server_command
 
 TIMEOUT = 30
@@ -179,6 +178,23 @@ def test_missing_secret_file(context, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["build", "--bogus", "."], "usage: bkdbg build "),
+        (["info", "extra"], "usage: bkdbg info "),
+    ],
+)
+def test_unknown_argument_shows_command_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith(usage)
+    assert f"bkdbg {argv[0]}: error: unrecognized arguments: {argv[1]}" in err
+
+
 def test_detach_flag_takes_no_next_word(context, capsys):
     status, err = run_main(["build", "--detach", str(context), "--build-arg", "=x"], capsys)
     assert (status, err) == (
@@ -306,7 +322,7 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
     def interrupted(args, ws):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(verbs, "run_list", interrupted)
+    monkeypatch.setitem(commands.HANDLERS, "list", interrupted)
     assert cli.main(["list"]) == 130
 
 
@@ -314,7 +330,7 @@ def test_bug_is_not_hidden(monkeypatch):
     def broken(args, ws):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(verbs, "run_list", broken)
+    monkeypatch.setitem(commands.HANDLERS, "list", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["list"])
 
