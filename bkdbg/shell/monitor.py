@@ -16,7 +16,6 @@ import contextlib
 import functools
 import logging
 import os
-import shlex
 import threading
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +24,7 @@ import cmd2
 import platformdirs
 from cmd2 import Cmd2ArgumentParser, Completions, Statement, with_argparser
 from cmd2.argparse_completer import ArgparseCompleter
+from cmd2.parsing import shlex_split
 from cmd2.plugin import PostcommandData, PrecommandData
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
@@ -211,8 +211,7 @@ class Monitor(cmd2.Cmd):
         or a script's `FILE:LINE:`, and without marking it failed, so a script went on.
         """
         try:
-            # the same split as cmd2's statement parser (shlex, not POSIX mode)
-            shlex.split(line, comments=False, posix=False)
+            shlex_split(line)  # the split of cmd2's statement parser
         except ValueError as exc:
             words = line.split(maxsplit=1)
             self.fail(words[0] if words else "", f"invalid line: {exc}: close the quote")
