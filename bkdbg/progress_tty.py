@@ -94,8 +94,8 @@ class TtyRenderer(LockedRenderer):
             self._live.stop()
             with self._state_lock:
                 self._cancelled = cancelled
-                # no step means no build to sum up (BuildKit was not reached, say)
-                if self._trace.steps:
+                # no step and no Ctrl-C means no build to sum up (BuildKit was not reached)
+                if self._trace.steps or cancelled:
                     self._console.print(self._view(finished=True, ok=ok))
         finally:
             if self._restore_echo is not None:

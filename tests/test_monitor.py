@@ -472,7 +472,7 @@ def test_disconnected_event_ends_prompt(app, ws, monkeypatch):
     assert left == [
         (
             "disconnected by another bkdbg client (bkdbg disconnect); "
-            f"bkdbg attach {INSTANCE_ID} returns",
+            f"bkdbg attach {INSTANCE_ID} reattaches",
             0,
         )
     ]

@@ -335,7 +335,7 @@ def ws(client, terminal, tmp_path) -> Workspace:
             Closed("disconnected by client c2"),
             0,
             "disconnected by another bkdbg client (bkdbg disconnect); bkdbg attach 0a1b2c3d "
-            "returns",
+            "reattaches",
         ),
         (
             ServerUnreachable("bkdbg server 0a1b2c3d is not running"),

@@ -11,11 +11,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.helpers import TEST_IMAGE
@@ -178,6 +180,36 @@ def test_monitor_reload_and_rollback(context, env, root):
     assert wait_no_instances(root) == []
 
 
+HIDE_CURSOR = "\x1b[?25l"  # rich's first write when the live view starts
+
+
+def test_ctrl_c_as_view_starts_restores_terminal(make_context, env, root):
+    # Ctrl-C at once after the view hid the cursor: it once came before the view could be
+    # closed, which left echo off and the cursor hidden in about one run of three. The
+    # context's upload outlasts the Ctrl-C, so no RUN step is starting then (see the
+    # README's limit on a cancel as a RUN step starts).
+    context = make_context(f"FROM {TEST_IMAGE}\nCOPY big /big\n")
+    with open(context / "big", "wb") as big:
+        big.truncate(200 * 1024 * 1024)
+    for _ in range(6):
+        (context / "Dockerfile").write_text(f"FROM {TEST_IMAGE}\nCOPY big /big-{time.time_ns()}\n")
+        argv = [*BKDBG, "build", "--progress", "tty", "--invoke", "sh", str(context)]
+        with spawn_pty(argv, env=env) as term:
+            before = termios.tcgetattr(term.child.child_fd)
+            term.expect_exact(HIDE_CURSOR, timeout=BUILD_TIMEOUT)
+            term.sendcontrol("c")
+            term.child.expect(pexpect.EOF, timeout=10)
+            after = termios.tcgetattr(term.child.child_fd)
+            shown = term.child.before.count("\x1b[?25h")
+            status = term.close()
+
+        assert status == 130
+        assert after == before
+        assert shown == 1
+        assert "Traceback" not in term.output
+    assert wait_no_instances(root) == []
+
+
 def test_ctrl_c_cancels_reload(context, env, root):
     with shell(context, env) as term:
         run_id = time.time_ns()
@@ -189,7 +221,8 @@ def test_ctrl_c_cancels_reload(context, env, root):
         term.sendline("reload")
         term.expect_exact(f"ran-42-{run_id}", timeout=BUILD_TIMEOUT)
         term.sendcontrol("c")
-        term.expect_exact("reload: cancelled with Ctrl-C: type reload to build again", timeout=10)
+        term.expect_exact("Process p1 (sh) was ended by reload", timeout=10)
+        term.expect_exact("reload: cancelled with Ctrl-C: type reload to build again")
         term.expect_exact(MONITOR_PROMPT)
         final = term.output.rsplit("(bkdbg) reload", 1)[1]
 
@@ -200,6 +233,8 @@ def test_ctrl_c_cancels_reload(context, env, root):
     assert f"CANCELED [3/3] RUN {command}" in final
     assert "^C" not in final
     assert "build cancelled" not in final  # the server's event repeats the line above
+    # nor its process exit, said above
+    assert "exited with status 137" not in term.output.rsplit("(bkdbg) reload", 1)[1]
     assert wait_no_instances(root) == []
 
 

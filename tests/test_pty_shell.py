@@ -259,7 +259,7 @@ def test_disconnect_ends_monitor_client(root, context):
         result = fake_bkdbg("disconnect", instance_id)
 
         assert result.stdout.strip() == f"disconnected 1 client from server {instance_id}"
-        term.expect_exact(f"bkdbg attach {instance_id} returns")
+        term.expect_exact(f"bkdbg attach {instance_id} reattaches")
         assert term.close() == 0
     # the server keeps running for the next attach
     assert instances(root) == [instance_id]

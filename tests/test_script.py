@@ -115,7 +115,7 @@ def test_unclosed_quote_stops_script(ws, tmp_path, context, capfd):
 
     out, err = capfd.readouterr()
     assert error_lines(err) == [
-        f"{path}:2: exec: invalid line: No closing quotation: close the quote"
+        f"{path}:2: exec: invalid line: no closing quotation: close the quote"
     ]
     assert "Invalid syntax" not in err
     assert "out" not in out.splitlines()  # the line after it did not run

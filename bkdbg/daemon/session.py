@@ -256,19 +256,14 @@ class Session:
             with self._lock:
                 handle, state = self._build, self.build_state
             if handle is None or state not in (BUILT, FAILED):
-                raise NotAttached(
-                    f"no build result in bkdbg server {self.instance_id}: run build or reload first"
-                )
+                raise NotAttached(self._no_container_hint(handle, state))
             if init and state != FAILED:
                 raise UsageError(
                     "rollback --init needs a failed build: the last build succeeded: "
                     "use rollback without --init"
                 )
             if state == FAILED and not handle.can_debug_failure():
-                raise NotAttached(
-                    f"no state to roll back to in bkdbg server {self.instance_id}: the build "
-                    "failed before a RUN step ran: fix the context and run reload"
-                )
+                raise NotAttached(self._no_container_hint(handle, state))
             if state == BUILT:
                 target = STATE_RESULT
             else:
@@ -287,20 +282,26 @@ class Session:
             self._check_open()
             with self._lock:
                 handle, container, state = self._build, self._container, self._container_state
-            if handle is None:
-                raise NotAttached(
-                    f"no build result in bkdbg server {self.instance_id}: run build or reload first"
-                )
-            if container is None:
-                raise NotAttached(
-                    f"no container runs in bkdbg server {self.instance_id}: "
-                    "start one with rollback, or build with --invoke"
-                )
+                build_state = self.build_state
+            if handle is None or container is None:
+                raise NotAttached(self._no_container_hint(handle, build_state))
             spec = handle.process_spec(invoke, state, terminal)
             process = self._start_process(container, spec)
             with self._lock:
                 self._container_processes.append(process)
         return process.id
+
+    def _no_container_hint(self, handle: BuildHandle | None, build_state: str) -> str:
+        """Return why no container can run now, naming the command that starts one."""
+        server = f"bkdbg server {self.instance_id}"
+        if handle is None or build_state not in (BUILT, FAILED):
+            return f"no build result in {server}: run build or reload first"
+        if build_state == FAILED and not handle.can_debug_failure():
+            return (
+                f"no container to start in {server}: the build failed before a RUN step "
+                "ran: fix the context and run reload"
+            )
+        return f"no container runs in {server}: start one with rollback, or build with --invoke"
 
     def _start_interactive(self, handle: BuildHandle, state: str, reason: str,
                            terminal: Terminal) -> str:

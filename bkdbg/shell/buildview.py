@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TextIO
 
 from bkdbg.daemon.messages import BuildDone, BuildEvent, BuildProgress
 from bkdbg.errors import FailedStep
 from bkdbg.progress import Renderer, events_from_json
+from bkdbg.shell.terminal import sigint_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ RULE = "-" * 20
 UNREACHABLE = "BuildkitUnreachable"
 
 
-def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
+def follow_build(
+    events: Iterable[BuildEvent], make_renderer: Callable[[], Renderer]
+) -> BuildDone:
     """Render the progress of a build stream and return how it ended.
 
     A stream that ends without BuildDone counts as a failed build. On Ctrl-C the renderer
@@ -31,7 +34,12 @@ def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
     """
     result = BuildDone(ok=False, error="the server ended the build stream before the build ended")
     cancelled = False
+    renderer: Renderer | None = None
     try:
+        # a Ctrl-C while the renderer starts would skip its close, which restores the
+        # terminal's echo and cursor, so it waits until `renderer` is set
+        with sigint_deferred():
+            renderer = make_renderer()
         for event in events:
             if isinstance(event, BuildProgress):
                 renderer.update(events_from_json(event.events_json))
@@ -41,7 +49,8 @@ def follow_build(events: Iterable[BuildEvent], renderer: Renderer) -> BuildDone:
         cancelled = True
         raise
     finally:
-        renderer.close(result.ok, cancelled=cancelled)
+        if renderer is not None:
+            renderer.close(result.ok, cancelled=cancelled)
     return result
 
 

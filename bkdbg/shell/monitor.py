@@ -214,7 +214,8 @@ class Monitor(cmd2.Cmd):
             shlex_split(line)  # the split of cmd2's statement parser
         except ValueError as exc:
             words = line.split(maxsplit=1)
-            self.fail(words[0] if words else "", f"invalid line: {exc}: close the quote")
+            reason = str(exc).lower()  # shlex's "No closing quotation"
+            self.fail(words[0] if words else "", f"invalid line: {reason}: close the quote")
             return False
         return super().onecmd_plus_hooks(
             line,

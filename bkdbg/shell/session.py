@@ -33,7 +33,7 @@ def closed_line(instance_id: str, reason: str) -> str:
     if reason.startswith(DISCONNECTED_PREFIX):
         return (
             "disconnected by another bkdbg client (bkdbg disconnect); "
-            f"bkdbg attach {instance_id} returns"
+            f"bkdbg attach {instance_id} reattaches"
         )
     return f"server {instance_id} closed this client's connection: {reason}"
 

@@ -92,6 +92,24 @@ def _restore(fd: int, saved: list[Any]) -> None:
 
 
 @contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back in the block, and hand it to the previous handler at its end.
+
+    This keeps a KeyboardInterrupt out of a setup whose cleanup could not run yet. It
+    swaps the Python handler rather than blocking the signal, because any thread of the
+    process (grpc's, say) may receive SIGINT and have the main thread raise.
+    """
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
+
+
+@contextlib.contextmanager
 def on_signal(signum: int, callback: Callable[[], None]) -> Iterator[None]:
     """Call `callback()` instead of the usual action for `signum` while the block runs.
 

@@ -159,7 +159,12 @@ class Workspace:
         current = self.require()
         running = self._running_processes(current)
         replaced = current.process_id
-        done = self._show_build(current, current.client.reload(), "auto")
+        try:
+            done = self._show_build(current, current.client.reload(), "auto")
+        except KeyboardInterrupt:
+            # the server ended the old container as the reload began
+            self._say_replaced(running, replaced, "", "reload")
+            raise
         self._say_replaced(running, replaced, done.process_id, "reload")
         return done
 
@@ -171,9 +176,8 @@ class Workspace:
         *,
         goes_on: bool = False,
     ) -> BuildDone:
-        renderer = make_renderer(progress, self.err_stream)
         try:
-            done = follow_build(events, renderer)
+            done = follow_build(events, lambda: make_renderer(progress, self.err_stream))
         except KeyboardInterrupt:
             # Ctrl-C cancels the build, as in buildx, rather than leaving it running
             self._cancel_build(current)
