@@ -200,12 +200,12 @@ def test_ctrl_c_as_view_starts_restores_terminal(make_context, env, root):
             term.sendcontrol("c")
             term.child.expect(pexpect.EOF, timeout=10)
             after = termios.tcgetattr(term.child.child_fd)
-            shown = term.child.before.count("\x1b[?25h")
+            cursor_shown = term.child.before.count("\x1b[?25h")
             status = term.close()
 
         assert status == 130
         assert after == before
-        assert shown == 1
+        assert cursor_shown == 1
         assert "Traceback" not in term.output
     assert wait_no_instances(root) == []
 
@@ -233,7 +233,7 @@ def test_ctrl_c_cancels_reload(context, env, root):
     assert f"CANCELED [3/3] RUN {command}" in final
     assert "^C" not in final
     assert "build cancelled" not in final  # the server's event repeats the line above
-    # nor its process exit, said above
+    # nor its process exit, which the line about the ended shell reports
     assert "exited with status 137" not in term.output.rsplit("(bkdbg) reload", 1)[1]
     assert wait_no_instances(root) == []
 
