@@ -129,7 +129,7 @@ def _run_build(args: argparse.Namespace, ws: Workspace) -> int:
     # no state to start a shell on (a failed COPY, say) still keeps the monitor on a
     # terminal, so the user can fix the context and reload
     to_monitor = options.invoke is not None and ws.local.interactive
-    result = ws.build(options, goes_on=to_monitor)
+    result = ws.build(options, goes_on=to_monitor, monitor=ws.local.interactive)
     if result.process_id:
         # a failed step's shell was started: the failed-step block already explains why
         if ws.local.interactive:

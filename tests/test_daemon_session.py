@@ -201,7 +201,10 @@ def test_failed_build_without_state(client: DaemonClient, context_dir: Path) -> 
     done = finish(client.build(options(context_dir, ["sh"])))
     assert not done.ok
     assert not done.process_id
-    assert done.notes == ["no debug shell: BuildKit gave no state for the failed step"]
+    assert done.notes == [
+        "no debug shell: BuildKit gave no state for the failed step: fix the step, "
+        "then reload or build again"
+    ]
 
 
 def test_on_error_success_starts_nothing(client: DaemonClient, context_dir: Path,

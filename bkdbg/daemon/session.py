@@ -238,7 +238,10 @@ class Session:
         if options.invoke is None:
             return done
         if not handle.can_debug_failure():
-            done.notes.append("no debug shell: BuildKit gave no state for the failed step")
+            done.notes.append(
+                "no debug shell: BuildKit gave no state for the failed step: fix the step, "
+                "then reload or build again"
+            )
             return done
         try:
             process_id = self._start_interactive(handle, STATE_FAILED, "", terminal)
@@ -481,6 +484,9 @@ class Session:
         self._end_build("container released: the server is shutting down")
 
     def _cancel_build(self, handle: BuildHandle | None) -> None:
+        # TODO: a cancel while the interactive process starts (after the solve) does not
+        # stop that start: the thread waits until the process stream and ReleaseContainer
+        # fail, about 6 s on Docker Engine 26.1.5, and the server is listed meanwhile.
         thread = self._build_thread
         if thread is None or not thread.is_alive():
             return

@@ -84,21 +84,26 @@ def failed_step_block(step: FailedStep, *, with_command: bool = True) -> list[st
     return lines
 
 
-def debug_hint(step: FailedStep) -> list[str]:
-    """Return how to rerun the failed command and reach the state before it."""
+def debug_hint(step: FailedStep, *, monitor: bool = True) -> list[str]:
+    """Return how to rerun the failed command and reach the state before it.
+
+    Without `monitor` (a build through pipes, which has no monitor), the hints leave out
+    the monitor's commands.
+    """
     if not step.is_exec:
-        return [
-            "The failed step is not a RUN: the shell runs on the state BuildKit gave for it; "
-            "type reload after fixing the Dockerfile."
-        ]
+        line = "The failed step is not a RUN: the shell runs on the state BuildKit gave for it"
+        return [f"{line}; type reload after fixing the Dockerfile." if monitor else f"{line}."]
     hint = ["The shell runs in the state the failed command left."]
     if step.command:
         hint.append(f"Run the command again: {shlex.join(step.command)}")
-    hint.append("rollback --init restarts the shell on the state before the command ran.")
+    if monitor:
+        hint.append("rollback --init restarts the shell on the state before the command ran.")
     return hint
 
 
-def print_result(result: BuildDone, out: TextIO, *, goes_on: bool = False) -> None:
+def print_result(
+    result: BuildDone, out: TextIO, *, goes_on: bool = False, monitor: bool = True
+) -> None:
     """Print the failed step block (if any) and the server's notes.
 
     When the session goes on after a failure (`goes_on`, or a shell started in the failed
@@ -109,7 +114,7 @@ def print_result(result: BuildDone, out: TextIO, *, goes_on: bool = False) -> No
     if error_shown(result, goes_on):
         print(result.error, file=out)
     if step is not None:
-        hints = debug_hint(step) if result.process_id else []
+        hints = debug_hint(step, monitor=monitor) if result.process_id else []
         lines = failed_step_block(step, with_command=not hints) + hints
         for line in lines:
             print(line, file=out)

@@ -144,15 +144,20 @@ class Workspace:
 
     # -- builds and processes
 
-    def build(self, options: BuildOptions, *, goes_on: bool = False) -> BuildDone:
+    def build(
+        self, options: BuildOptions, *, goes_on: bool = False, monitor: bool = True
+    ) -> BuildDone:
         """Start a server, run the build in it and show its progress and result.
 
         `goes_on` says that the session continues after a failed build, so the error
-        opens the failure's block (see `print_result`).
+        opens the failure's block (see `print_result`). `monitor=False` leaves the
+        monitor's commands out of the hints, for a build through pipes.
         """
         current = self.launch()
         events = current.client.build(options)
-        return self._show_build(current, events, options.progress, goes_on=goes_on)
+        return self._show_build(
+            current, events, options.progress, goes_on=goes_on, monitor=monitor
+        )
 
     def reload(self) -> BuildDone:
         """Rebuild in the current server and show it."""
@@ -175,6 +180,7 @@ class Workspace:
         progress: str,
         *,
         goes_on: bool = False,
+        monitor: bool = True,
     ) -> BuildDone:
         try:
             done = follow_build(events, lambda: make_renderer(progress, self.err_stream))
@@ -183,7 +189,7 @@ class Workspace:
             self._cancel_build(current)
             raise
         self.expected.add("build-finished", done.process_id)
-        print_result(done, self.err_stream, goes_on=goes_on)
+        print_result(done, self.err_stream, goes_on=goes_on, monitor=monitor)
         current.build_failed = not done.ok
         if done.process_id:
             self._started(current, done.process_id, interactive=True)
