@@ -27,7 +27,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from bkdbg.errors import ContainerError
+from bkdbg.errors import BuildCancelled, ContainerError
 from bkdbg.gateway.container import (
     SIGNALS,
     START_TIMEOUT,
@@ -389,6 +389,10 @@ class DebugContainer:
         except ContainerError as exc:
             if self.container.released:
                 raise
+            if str(exc).endswith("context canceled"):
+                # BuildKit dropped the cancelled build's job, so a new container could not
+                # start either, and each request for it waits about 3 s before it fails
+                raise BuildCancelled(f"container not started: {self.container.id}: {exc}") from exc
             self._fall_back(exc)
 
     def _fall_back(self, reason: ContainerError) -> None:
