@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
@@ -269,6 +270,7 @@ class _Pending:
         )
 
 
+PLAIN_INTERVAL = 0.1  # seconds between two prints of the plain renderer, as BuildKit's printer
 STATUS_MIN_FRACTION = 0.05  # print a running counter again after 5% more progress ...
 STATUS_MIN_INTERVAL = 5.0  # ... or 5 s later, the thresholds of BuildKit's printer
 
@@ -287,30 +289,77 @@ def _format_bytes(count: int) -> str:
 
 
 class PlainRenderer(LockedRenderer):
-    """Prints `#N name`, `#N 0.123 output`, `#N DONE 0.1s` lines like buildx's plain mode."""
+    """Prints `#N name`, `#N 0.123 output`, `#N DONE 0.1s` lines like buildx's plain mode.
 
-    def __init__(self, stream: TextIO) -> None:
+    Like BuildKit's printer, it prints at most once per `interval` seconds, with every
+    batch that came meanwhile. BuildKit restarts some steps within a millisecond of their
+    end (`[internal] load build definition`), and printing each batch at once showed such
+    a step twice, with two DONE lines.
+    """
+
+    def __init__(self, stream: TextIO, interval: float = PLAIN_INTERVAL) -> None:
         super().__init__(stream)
         self._trace = StepTrace()
         self._current: StepState | None = None
         self._next_index = 0
         self._printed_any = False
         self._status_printed: dict[str, tuple[int, float]] = {}  # id: (current, timestamp)
+        self._interval = interval
+        self._held: list[ProgressEvent] = []
+        self._printed_at = float("-inf")  # time.monotonic() of the last print
+        self._timer: threading.Timer | None = None
+        self._broken = False  # the timer's print found the stream's reader gone
 
     def _render(self, events: list[ProgressEvent]) -> None:
+        if self._broken:
+            raise BrokenPipeError  # in the caller's thread, which ends the session
+        self._held.extend(events)
+        wait = self._printed_at + self._interval - time.monotonic()
+        if wait <= 0:
+            self._print_held()
+        elif self._timer is None:
+            self._timer = threading.Timer(wait, self._print_later)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _print_later(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._closed or self._broken:
+                return
+            try:
+                self._print_held()
+                self._stream.flush()
+            except BrokenPipeError:
+                self._broken = True
+
+    def _print_held(self) -> None:
+        events, self._held = self._held, []
+        self._printed_at = time.monotonic()
         pending: dict[str, _Pending] = {}
         for event in events:
             self._collect(event, pending)
-        # steps that completed in this batch first, the one printed last ahead of the others
+        # steps that completed in this batch first, the one printed last ahead of the
+        # others, then in the order they completed, as BuildKit's printer does
         batch = sorted(
             pending.values(),
-            key=lambda p: (not p.newly_completed, p.step is not self._current),
+            key=lambda p: (
+                not p.newly_completed,
+                p.step is not self._current,
+                p.step.completed or 0.0 if p.newly_completed else 0.0,
+            ),
         )
         for item in batch:
             if item.has_output and (item.step.started is not None or item.step.done):
                 self._print_pending(item)
 
     def _finish(self, ok: bool, cancelled: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._broken:
+            raise BrokenPipeError
+        self._print_held()
         if self._current is not None:
             self._flush_partial(self._current)
         if not cancelled:

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 
 import pytest
 
@@ -50,7 +51,7 @@ def _run_step_events() -> list[list]:
 
 def _render_plain(batches: list[list]) -> str:
     out = io.StringIO()
-    renderer = PlainRenderer(out)
+    renderer = PlainRenderer(out, interval=0)
     for batch in batches:
         renderer.update(batch)
     renderer.close(True)
@@ -95,6 +96,41 @@ def test_plain_renders_buildx_lines() -> None:
     ]
 
 
+def test_plain_restarted_step_printed_once() -> None:
+    # BuildKit ends `load build definition` and starts it again within a millisecond
+    name = "[internal] load build definition from Dockerfile"
+    batches = [
+        [VertexEvent(FROM, name)],
+        [VertexEvent(FROM, name, started=T0)],
+        [VertexEvent(FROM, name, started=T0, completed=T0 + 0.0002)],
+        [VertexEvent(FROM, name, started=T0 + 0.0003)],
+        [VertexEvent(FROM, name, started=T0 + 0.0003, completed=T0 + 0.025)],
+    ]
+    out = io.StringIO()
+    renderer = PlainRenderer(out, interval=60)  # every batch after the first is held
+    for batch in batches:
+        renderer.update(batch)
+    renderer.close(True)
+
+    assert out.getvalue().splitlines() == [f"#1 {name}", "#1 DONE 0.0s"]
+
+
+def test_plain_held_batch_printed_after_interval() -> None:
+    out = io.StringIO()
+    renderer = PlainRenderer(out, interval=0.05)
+    renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 1")])
+    renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 1", started=T0)])
+
+    held = out.getvalue()
+    deadline = time.monotonic() + 5
+    while out.getvalue() == held and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert held == ""
+    assert out.getvalue() == "#1 [2/2] RUN sleep 1\n"
+    renderer.close(True)
+
+
 def test_plain_error_and_cancel() -> None:
     batches = [
         [VertexEvent(RUN, "[2/2] RUN exit 7", started=T0)],
@@ -111,7 +147,7 @@ def test_plain_error_and_cancel() -> None:
 
 def test_plain_interrupted_steps_cancelled() -> None:
     out = io.StringIO()
-    renderer = PlainRenderer(out)
+    renderer = PlainRenderer(out, interval=0)
     renderer.update([VertexEvent(FROM, "[1/2] FROM busybox", started=T0, completed=T0)])
     renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 30", started=T0)])
     renderer.update([LogEvent(RUN, 1, b"no newline yet", T0 + 0.5)])
@@ -176,7 +212,7 @@ def test_plain_status_and_warning() -> None:
 
 def test_plain_silent_after_close() -> None:
     out = io.StringIO()
-    renderer = PlainRenderer(out)
+    renderer = PlainRenderer(out, interval=0)
     renderer.close(True)
 
     renderer.update([VertexEvent(RUN, "run", started=T0)])

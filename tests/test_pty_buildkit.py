@@ -273,7 +273,8 @@ def test_pipe_reader_gone_ends_session(context, env, root):
 
 @pytest.mark.parametrize("progress", ["plain", "tty"])
 def test_progress_reader_gone_ends_session(progress, context, env, root):
-    # `bkdbg ... 2>&1 | head -c 5`: the progress loses its reader before the shell starts
+    # `bkdbg ... 2>&1 | head -c 5`: stderr loses its reader during the progress, and bkdbg
+    # ends at its next write there, which is in the progress or else the shell's line
     bkdbg = subprocess.Popen(
         [*BKDBG, "build", "--progress", progress, "--invoke", "sh", str(context)],
         stdin=subprocess.PIPE,
@@ -284,7 +285,7 @@ def test_progress_reader_gone_ends_session(progress, context, env, root):
     assert bkdbg.stdin is not None and bkdbg.stderr is not None
     assert len(bkdbg.stderr.read(5)) == 5
     bkdbg.stderr.close()
-    bkdbg.stdin.write(b"sleep 5\n")  # keeps the shell, if it started, from ending first
+    bkdbg.stdin.write(b"echo late-line >&2; sleep 5\n")
     bkdbg.stdin.close()
     assert bkdbg.wait(BUILD_TIMEOUT) == 128 + signal.SIGPIPE
     assert wait_no_instances(root) == []
