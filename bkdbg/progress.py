@@ -305,7 +305,7 @@ class PlainRenderer(LockedRenderer):
         self._printed_any = False
         self._status_printed: dict[str, tuple[int, float]] = {}  # id: (current, timestamp)
         self._interval = interval
-        self._held: list[ProgressEvent] = []
+        self._unprinted: list[ProgressEvent] = []
         self._printed_at = float("-inf")  # time.monotonic() of the last print
         self._timer: threading.Timer | None = None
         self._broken = False  # the timer's print found the stream's reader gone
@@ -313,10 +313,10 @@ class PlainRenderer(LockedRenderer):
     def _render(self, events: list[ProgressEvent]) -> None:
         if self._broken:
             raise BrokenPipeError  # in the caller's thread, which ends the session
-        self._held.extend(events)
+        self._unprinted.extend(events)
         wait = self._printed_at + self._interval - time.monotonic()
         if wait <= 0:
-            self._print_held()
+            self._print_unprinted()
         elif self._timer is None:
             self._timer = threading.Timer(wait, self._print_later)
             self._timer.daemon = True
@@ -328,13 +328,13 @@ class PlainRenderer(LockedRenderer):
             if self._closed or self._broken:
                 return
             try:
-                self._print_held()
+                self._print_unprinted()
                 self._stream.flush()
             except BrokenPipeError:
                 self._broken = True
 
-    def _print_held(self) -> None:
-        events, self._held = self._held, []
+    def _print_unprinted(self) -> None:
+        events, self._unprinted = self._unprinted, []
         self._printed_at = time.monotonic()
         pending: dict[str, _Pending] = {}
         for event in events:
@@ -359,7 +359,7 @@ class PlainRenderer(LockedRenderer):
             self._timer = None
         if self._broken:
             raise BrokenPipeError
-        self._print_held()
+        self._print_unprinted()
         if self._current is not None:
             self._flush_partial(self._current)
         if not cancelled:

@@ -121,12 +121,12 @@ def test_plain_held_batch_printed_after_interval() -> None:
     renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 1")])
     renderer.update([VertexEvent(RUN, "[2/2] RUN sleep 1", started=T0)])
 
-    held = out.getvalue()
+    first_output = out.getvalue()
     deadline = time.monotonic() + 5
-    while out.getvalue() == held and time.monotonic() < deadline:
+    while out.getvalue() == first_output and time.monotonic() < deadline:
         time.sleep(0.01)
 
-    assert held == ""
+    assert first_output == ""
     assert out.getvalue() == "#1 [2/2] RUN sleep 1\n"
     renderer.close(True)
 
