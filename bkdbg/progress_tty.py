@@ -28,10 +28,11 @@ from bkdbg.progress import (
 
 
 class _Console(Console):
-    """A rich Console that reports a closed stream as BrokenPipeError.
+    """A rich Console that reports a closed stream as BrokenPipeError in the main thread.
 
     rich's own handling raises SystemExit(1), which would end bkdbg without the cleanup
-    that ends its session. In rich's refresh thread it would end only that thread.
+    that ends its session. In rich's refresh thread, the console only records it, and
+    the renderer raises it at the main thread's next update or close.
     """
 
     broken = False
@@ -39,7 +40,8 @@ class _Console(Console):
     def on_broken_pipe(self) -> None:
         self.quiet = True  # no further writes
         self.broken = True
-        raise BrokenPipeError
+        if threading.current_thread() is threading.main_thread():
+            raise BrokenPipeError
 
 
 class TtyRenderer(LockedRenderer):

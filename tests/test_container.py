@@ -4,6 +4,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from bkdbg.buildkit_proto import gateway_pb2, ops_pb2
@@ -132,6 +133,23 @@ class FakeBridge:
 
     def ReleaseContainer(self, request, metadata, timeout):  # noqa: N802 - the gRPC method name
         return None
+
+
+class ForgottenBuildBridge(FakeBridge):
+    """A bridge whose BuildKit no longer knows the build (it restarted, say)."""
+
+    def NewContainer(self, request, metadata):  # noqa: N802 - the gRPC method name
+        raise grpc.RpcError("forwarding NewContainer: no such job abc123")
+
+
+def test_create_for_forgotten_build_says_reload():
+    with pytest.raises(ContainerError) as info:
+        Container.create(ForgottenBuildBridge([]), [])
+
+    assert str(info.value) == (
+        "could not create container: BuildKit no longer has this build (forwarding "
+        "NewContainer: no such job abc123): type reload to build again"
+    )
 
 
 def pid_of(call):

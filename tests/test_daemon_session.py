@@ -202,8 +202,8 @@ def test_failed_build_without_state(client: DaemonClient, context_dir: Path) -> 
     assert not done.ok
     assert not done.process_id
     assert done.notes == [
-        "no debug shell: BuildKit gave no state for the failed step: fix the step, "
-        "then reload or build again"
+        "no debug shell: BuildKit gave no state for the failed step: fix the step "
+        "and build again"
     ]
 
 

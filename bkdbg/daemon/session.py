@@ -239,8 +239,8 @@ class Session:
             return done
         if not handle.can_debug_failure():
             done.notes.append(
-                "no debug shell: BuildKit gave no state for the failed step: fix the step, "
-                "then reload or build again"
+                "no debug shell: BuildKit gave no state for the failed step: fix the step "
+                "and build again"
             )
             return done
         try:

@@ -464,6 +464,12 @@ class Container:
             owner.bridge.NewContainer(request, metadata=owner.call_metadata)
         except grpc.RpcError as exc:
             _, details = rpc_details(exc)
+            if "no such job" in details:
+                # BuildKit forgot the build: it restarted, or the build was cancelled
+                raise ContainerError(
+                    f"could not create container: BuildKit no longer has this build "
+                    f"({details}): type reload to build again"
+                ) from exc
             raise ContainerError(f"could not create container: {details}") from exc
         logger.info("created container %s with %d mounts", container_id, len(request.Mounts))
         return cls(owner, container_id, security, dial)
