@@ -136,7 +136,7 @@ class FakeBridge:
 
 
 class ForgottenBuildBridge(FakeBridge):
-    """A bridge whose BuildKit no longer knows the build (it restarted, say)."""
+    """A bridge whose BuildKit has dropped the build (after a restart, say)."""
 
     def NewContainer(self, request, metadata):  # noqa: N802 - the gRPC method name
         raise grpc.RpcError("forwarding NewContainer: no such job abc123")
