@@ -47,7 +47,7 @@ class BuildkitUnreachable(BkdbgError):
 
 
 class BuildkitLost(BuildkitUnreachable):
-    """Raised when BuildKit stopped answering during a request (restarted, say)."""
+    """Raised when BuildKit stopped responding during a request (restarted, say)."""
 
 
 class BuildkitError(BkdbgError):

@@ -291,10 +291,11 @@ def _format_bytes(count: int) -> str:
 class PlainRenderer(LockedRenderer):
     """Prints `#N name`, `#N 0.123 output`, `#N DONE 0.1s` lines like buildx's plain mode.
 
-    Like BuildKit's printer, it prints at most once per `interval` seconds, with every
-    batch that came meanwhile. BuildKit restarts some steps within a millisecond of their
-    end (`[internal] load build definition`), and printing each batch at once showed such
-    a step twice, with two DONE lines.
+    Like BuildKit's printer, it prints at most once per `interval` seconds while the build
+    runs, with every batch that came meanwhile (`close` prints what is left at once).
+    BuildKit restarts some steps within a millisecond of their end (`[internal] load build
+    definition`), and printing each batch at once showed such a step twice, with two DONE
+    lines.
     """
 
     def __init__(self, stream: TextIO, interval: float = PLAIN_INTERVAL) -> None:

@@ -79,14 +79,22 @@ def stop_servers(root: Path, env: dict[str, str], no_leaked_containers: None) ->
         subprocess.run([*BKDBG, "kill", "--all"], env=env, timeout=30, check=False)
 
 
-def test_shell_session(context, env, root):
-    # the first line of `stty -a` contains the window size, which this test changes
-    script = (
-        "stty -a | tail -n +2 > before.txt; "
-        f"{shlex.join(BKDBG)} build --progress plain --invoke sh {shlex.quote(str(context))}; "
+def terminal_check_script(context: Path, *flags: str, prelude: str = "") -> str:
+    """Return a `sh -c` script that runs `bkdbg build FLAGS --invoke sh CONTEXT` on its pty.
+
+    It prints rc=STATUS, then terminal-same when the terminal's modes are those from before.
+    The first line of `stty -a` contains the window size, which a test may change.
+    """
+    build = [*BKDBG, "build", *flags, "--invoke", "sh", str(context)]
+    return (
+        f"{prelude}stty -a | tail -n +2 > before.txt; {shlex.join(build)}; "
         "echo rc=$?; stty -a | tail -n +2 > after.txt; "
         "cmp before.txt after.txt && echo terminal-same"
     )
+
+
+def test_shell_session(context, env, root):
+    script = terminal_check_script(context, "--progress", "plain")
     with spawn_pty(["sh", "-c", script], cwd=context, env=env) as term:
         term.expect_exact(PROMPT, timeout=BUILD_TIMEOUT)
 
@@ -129,11 +137,8 @@ def test_ctrl_c_cancels_build(make_context, env, root):
     command = f"echo ran-$((6*7))-{run_id} && sleep 30"
     context = make_context(f"FROM {TEST_IMAGE}\nRUN {command}\n")
     # Ctrl-C reaches the outer sh too: its trap lets the script go on after bkdbg ends
-    script = (
-        "trap 'echo outer-interrupted' INT; stty -a | tail -n +2 > before.txt; "
-        f"{shlex.join(BKDBG)} build --progress tty --invoke sh {shlex.quote(str(context))}; "
-        "echo rc=$?; stty -a | tail -n +2 > after.txt; "
-        "cmp before.txt after.txt && echo terminal-same"
+    script = terminal_check_script(
+        context, "--progress", "tty", prelude="trap 'echo outer-interrupted' INT; "
     )
     with spawn_pty(["sh", "-c", script], cwd=context, env=env) as term:
         term.expect_exact(f"ran-42-{run_id}", timeout=BUILD_TIMEOUT)
