@@ -192,6 +192,8 @@ class Session:
             )
         with self._lock:
             self.build_state = state
+            # a cancel that came as the build ended must not stop a later rollback
+            self._cancel_requested = False
         logger.info("build %s after %.1f s: %s", state, time.monotonic() - started,
                     done.error or "ok")
         run.connected.set()
@@ -319,15 +321,11 @@ class Session:
         invoke = self.options.invoke if self.options and self.options.invoke else DEFAULT_INVOKE
         spec = handle.process_spec(invoke, state, terminal)
         # After a cancel, BuildKit has dropped the build's job, and each gateway request for
-        # it waits about 3 s before it fails, so none is made.
+        # it waits about 3 s before it fails, so a cancel stops the start before the next one
         self._raise_if_stopping()
         container = handle.new_container(state)
         try:
             self._raise_if_stopping()
-        except BuildCancelled:
-            _release_quietly(container)
-            raise
-        try:
             process = self._start_process(container, spec)
         except BaseException:
             _release_quietly(container)
@@ -502,7 +500,7 @@ class Session:
         # TODO: a cancel while the interactive process starts (after the solve) waits for
         # the requests already under way to fail: BuildKit has dropped the job, and each
         # request for it (ExecProcess, ReleaseContainer) then takes about 3 s. The server
-        # stops 3 to 6 s late, and is listed meanwhile; nothing is left running.
+        # stops up to about 3 s late, and is listed meanwhile; nothing is left running.
         thread = self._build_thread
         if thread is None or not thread.is_alive():
             return
